@@ -1,0 +1,339 @@
+"""Block-causal Wan2.2 transformer: diffusers' `WanTransformer3DModel` with a KV cache, frame positions and masks.
+
+Parameters and their names are the stock ones, so Wan2.2-TI2V-5B diffusers weights load unchanged. The stock
+blocks are reused as they are: a block hands its `rotary_emb` argument to the self-attention processor
+untouched, so we pass a `CausalAttentionContext` (RoPE for explicit frame positions + the cache plan + an
+optional mask) through that slot, and swap in processors that understand it. Cross-attention processors accept
+precomputed text K/V (`TextKV`), computed once per stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
+
+from .kv_cache import KVCache, KVPlan, KVSlot, WindowPolicy
+
+
+@dataclass
+class CausalAttentionContext:
+    """Travels through the stock block's `rotary_emb` argument to `CausalWanAttnProcessor`."""
+
+    freqs_cos: torch.Tensor  # [1, L, 1, head_dim]
+    freqs_sin: torch.Tensor
+    kv_plan: KVPlan | None = None
+    attention_mask: torch.Tensor | None = None  # [L, L] bool, True = may attend (full-sequence training only)
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys/values of one prompt for every layer ([B, text_len, H, D] each)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs; the same arithmetic as the closure inside diffusers 0.42 `WanAttnProcessor`."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class CausalWanAttnProcessor:
+    """Self-attention over [cached K/V ; this call's K/V], or under a mask for full-sequence training."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: CausalAttentionContext | None = None,
+    ) -> torch.Tensor:
+        ctx = rotary_emb
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, L, H, D]
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        query = apply_rotary_emb(query, ctx.freqs_cos, ctx.freqs_sin)
+        key = apply_rotary_emb(key, ctx.freqs_cos, ctx.freqs_sin)
+        if ctx.kv_plan is not None:
+            key, value = ctx.kv_plan.extend(self.layer, key, value)
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=ctx.attention_mask, backend=self._attention_backend
+        )
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class CachedTextAttnProcessor:
+    """Cross-attention to the prompt; with `TextKV` it skips re-projecting the same 512 tokens every pass."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | TextKV | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: Any = None,
+    ) -> torch.Tensor:
+        if isinstance(encoder_hidden_states, TextKV):
+            key, value = encoder_hidden_states.keys[self.layer], encoder_hidden_states.values[self.layer]
+        else:
+            key, value = text_kv_projections(attn, encoder_hidden_states)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        hidden_states = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def text_kv_projections(attn: WanAttention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected, normed, head-split text keys and values of one cross-attention layer."""
+    if attn.fused_projections:
+        key, value = attn.to_kv(text).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(text), attn.to_v(text)
+    return attn.norm_k(key).unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """Wan2.2 transformer for block-causal streaming; same weights and config keys as the stock model.
+
+    Extra forward inputs: `frame_positions` (RoPE temporal index of each latent frame), `kv_cache` with
+    `cache_write`/`cache_read` (which slots this call stores to and attends to), `attention_mask` for a
+    full-sequence forward (teacher forcing, equivalence tests), `text_kv` instead of text embeddings.
+    `timestep` may be per sample [B], per frame [B, F] or per token [B, F*tokens_per_frame].
+    """
+
+    _skip_keys = ["kv_cache"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 24,
+        attention_head_dim: int = 128,
+        in_channels: int = 48,
+        out_channels: int = 48,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 14336,
+        num_layers: int = 30,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        if image_dim is not None or added_kv_proj_dim is not None:
+            raise ValueError("the causal Wan supports the TI2V layout only (no CLIP image branch)")
+        super().__init__(
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        for layer, block in enumerate(self.blocks):
+            block.attn1.set_processor(CausalWanAttnProcessor(layer))
+            block.attn2.set_processor(CachedTextAttnProcessor(layer))
+
+    # -- sizes derived from the config ------------------------------------------------------------------
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens of one latent frame of `height` x `width` latents."""
+        _, p_h, p_w = self.config.patch_size
+        return (height // p_h) * (width // p_w)
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        policy: WindowPolicy = WindowPolicy(),
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        return KVCache(
+            num_layers=self.config.num_layers,
+            batch_size=batch_size,
+            frame_tokens=self.tokens_per_frame(latent_height, latent_width),
+            num_heads=self.config.num_attention_heads,
+            head_dim=self.config.attention_head_dim,
+            policy=policy,
+            dtype=dtype or self.dtype,
+            device=device or self.device,
+        )
+
+    @torch.no_grad()
+    def precompute_text_kv(self, encoder_hidden_states: torch.Tensor) -> TextKV:
+        """Text K/V for every layer, once per prompt (the prompt does not change while a stream runs)."""
+        text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        kv = [text_kv_projections(block.attn2, text) for block in self.blocks]
+        return TextKV([k for k, _ in kv], [v for _, v in kv])
+
+    # -- pieces of the forward --------------------------------------------------------------------------
+    def rope_at(self, frame_positions: Sequence[int] | torch.Tensor, height: int, width: int, device) -> tuple:
+        """RoPE cos/sin [1, F*h*w, 1, D] for latent frames at explicit temporal positions (stock RoPE tables)."""
+        rope = self.rope
+        positions = torch.as_tensor(frame_positions, device=device, dtype=torch.long)
+        if positions.numel() and int(max(frame_positions)) >= rope.max_seq_len:
+            raise ValueError(f"RoPE frame position {int(max(frame_positions))} exceeds the table ({rope.max_seq_len})")
+        _, p_h, p_w = self.config.patch_size
+        pph, ppw = height // p_h, width // p_w
+        split = [rope.t_dim, rope.h_dim, rope.w_dim]
+        out = []
+        for table in (rope.freqs_cos, rope.freqs_sin):
+            t_tab, h_tab, w_tab = table.split(split, dim=1)
+            ppf = positions.numel()
+            parts = [
+                t_tab[positions].view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1),
+                h_tab[:pph].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1),
+                w_tab[:ppw].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1),
+            ]
+            out.append(torch.cat(parts, dim=-1).reshape(1, ppf * pph * ppw, 1, -1))
+        return tuple(out)
+
+    def embed_timesteps(self, timestep: torch.Tensor, num_frames: int, frame_tokens: int, dtype: torch.dtype):
+        """Per-token adaLN inputs (temb [B, L, C], timestep_proj [B, L, 6, C]) from [B], [B, F] or [B, L] timesteps.
+
+        Embeddings are computed per frame and repeated over the frame's tokens: the values equal the stock
+        per-token path, at 1/tokens_per_frame of the embedding cost.
+        """
+        batch = timestep.shape[0]
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(batch, num_frames)
+        if timestep.shape[1] == num_frames:
+            per_token = False
+        elif timestep.shape[1] == num_frames * frame_tokens:
+            per_token = True
+        else:
+            raise ValueError(f"timestep has {timestep.shape[1]} entries per sample; expected 1, {num_frames} or "
+                             f"{num_frames * frame_tokens}")
+        embedder = self.condition_embedder
+        emb = embedder.timesteps_proj(timestep.flatten()).unflatten(0, timestep.shape)
+        time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+        if emb.dtype != time_dtype and time_dtype != torch.int8:
+            emb = emb.to(time_dtype)
+        temb = embedder.time_embedder(emb).to(dtype)
+        proj = embedder.time_proj(embedder.act_fn(temb)).unflatten(2, (6, -1))
+        if not per_token:
+            temb = temb.repeat_interleave(frame_tokens, dim=1)
+            proj = proj.repeat_interleave(frame_tokens, dim=1)
+        return temb, proj
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        *,
+        frame_positions: Sequence[int] | torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_write: KVSlot | Sequence[KVSlot] | None = None,
+        cache_read: Iterable[KVSlot] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_kv: TextKV | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Denoiser output (flow velocity) for latents [B, C, F, H, W]; shapes as in the stock forward."""
+        if encoder_hidden_states_image is not None:
+            raise ValueError("the causal Wan takes no CLIP image embeddings")
+        batch, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
+        frame_tokens = pph * ppw
+        positions = list(range(ppf)) if frame_positions is None else frame_positions
+
+        freqs_cos, freqs_sin = self.rope_at(positions, height, width, hidden_states.device)
+        plan = None
+        if kv_cache is not None:
+            plan = kv_cache.plan([int(p) for p in positions], write=cache_write, read=cache_read)
+        context = CausalAttentionContext(freqs_cos, freqs_sin, plan, attention_mask)
+
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
+        temb, timestep_proj = self.embed_timesteps(timestep, ppf, frame_tokens, hidden_states.dtype)
+        if text_kv is not None:
+            text = text_kv
+        elif encoder_hidden_states is not None:
+            text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        else:
+            raise ValueError("pass encoder_hidden_states or text_kv")
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, text, timestep_proj, context)
+            else:
+                hidden_states = block(hidden_states, text, timestep_proj, context)
+
+        # Output norm, projection and unpatchify: the stock TI2V (per-token) path.
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+        normed = self.norm_out(hidden_states.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)
+        hidden_states = self.proj_out(normed.type_as(hidden_states))
+        hidden_states = hidden_states.reshape(batch, ppf, pph, ppw, p_t, p_h, p_w, -1)
+        output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+
+def block_causal_mask(
+    chunk_ids: Sequence[int] | torch.Tensor,
+    frame_tokens: int,
+    *,
+    recent_chunks: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """[L, L] bool mask of the streaming student, for one full-sequence forward.
+
+    `chunk_ids` has one id per latent frame: 0 for the conditioning frames (they see each other), 1 for the
+    first chunk (the attention sink), 2, 3, ... after. A frame attends to frames of its own and earlier chunks
+    (bidirectional inside a chunk). With `recent_chunks`, a chunk sees only the conditioning frames, the sink
+    and the `recent_chunks` chunks before it: the cache window.
+    """
+    ids = torch.as_tensor(chunk_ids, device=device).repeat_interleave(frame_tokens)
+    query, key = ids[:, None], ids[None, :]
+    mask = query >= key
+    if recent_chunks is not None:
+        mask &= (key <= 1) | (query - key <= recent_chunks)
+    return mask
