@@ -1,0 +1,462 @@
+"""Image input and video output for the generator.
+
+Inputs (a person photo and a garment photo) arrive as paths, bytes, PIL images or the numpy
+arrays gradio gives; everything becomes an 8-bit RGB PIL image with bad files turned into one
+readable :class:`UserInputError`. Outputs are H.264 yuv420p mp4 files, either one growing file
+(:class:`VideoWriter`) or short self-contained segments for a streaming ``gr.Video``
+(:func:`encode_segment`).
+
+H.264 backend: PyAV's bundled libx264 (the av 18 wheels ship it; ``"libx264" in
+av.codecs_available``). It encodes in-process from numpy frames, so no subprocess per chunk,
+no pipe plumbing and no dependency on an ffmpeg binary being on PATH; imageio-ffmpeg's binary
+would also work but costs a process spawn per segment, which matters at 2 segments a second.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import UserInputError
+
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "MIN_IMAGE_SIDE",
+    "VIDEO_CODEC",
+    "PIX_FMT",
+    "CRF",
+    "PRESET",
+    "DEFAULT_FPS",
+    "VideoInfo",
+    "VideoWriter",
+    "load_image",
+    "fit_reference",
+    "letterbox_garment",
+    "image_to_tensor",
+    "tensor_to_frames",
+    "frame_to_image",
+    "encode_segment",
+    "probe_video",
+]
+
+# --- image limits -------------------------------------------------------------------------
+#: Larger images are refused before decoding: 40 MP covers ordinary camera and phone photos
+#: yet keeps a decoded RGBA copy under ~160 MB (PIL's own default limit is ~89 MP).
+MAX_IMAGE_PIXELS = 40_000_000
+#: Smaller images carry too little detail to condition the model (and break resizing).
+MIN_IMAGE_SIDE = 32
+
+# --- encoding settings (shared by VideoWriter and encode_segment) ---------------------------
+VIDEO_CODEC = "libx264"
+#: yuv420p is the only H.264 flavour every browser decodes; it needs even width and height.
+PIX_FMT = "yuv420p"
+#: x264's quality scale (lower = better, 23 = default); 20 keeps generated texture detail.
+CRF = 20
+#: veryfast: a 12-frame 704x1280 chunk encodes in ~0.15-0.25 s on CPU, well under its 0.5 s.
+PRESET = "veryfast"
+DEFAULT_FPS = 24
+#: Tagged in the stream so players do not guess BT.601 vs BT.709 (colour shifts otherwise).
+_COLORSPACE = "ITU709"
+_BT709 = 1  # H.273 code for colour primaries / transfer / matrix "BT.709"
+_RANGE_TV = 1  # AVCOL_RANGE_MPEG (limited range, what players expect for yuv420p)
+
+_WHITE = (255, 255, 255)
+
+
+# =============================================================================================
+# Images
+# =============================================================================================
+
+
+def _describe(source: Any) -> str:
+    """How messages call the image: the path for files, a generic noun otherwise."""
+    if isinstance(source, (str, os.PathLike)):
+        return f"image file '{os.fspath(source)}'"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "the uploaded image"
+    if isinstance(source, np.ndarray):
+        return "the image array"
+    return "the image"
+
+
+def _cap(label: str) -> str:
+    """Capitalise the first letter only (keeps the case of file names)."""
+    return label[:1].upper() + label[1:]
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    """Refuse bombs and thumbnails before any pixel is decoded."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UserInputError(
+            f"{_cap(name)} is too large ({width}x{height} pixels); "
+            f"the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels."
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise UserInputError(
+            f"{_cap(name)} is too small ({width}x{height} pixels); "
+            f"each side must be at least {MIN_IMAGE_SIDE} pixels."
+        )
+
+
+def _open_and_load(fp: Any, name: str) -> Image.Image:
+    """Open and fully decode, turning every PIL/OS failure into one user-facing sentence.
+
+    The bomb warning is made an error only inside this call (``catch_warnings`` restores the
+    filters), so PIL's global ``MAX_IMAGE_PIXELS`` and other code's warning state stay as they were.
+    (Before Python 3.14 the filter list is process-wide, so another thread opening a >89 MP image
+    during these milliseconds would also get the error instead of PIL's warning; acceptable.)
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                _check_size(im.size, name)
+                im.load()
+                # exif_transpose returns a new image (or a copy) that outlives the file handle.
+                return ImageOps.exif_transpose(im)
+    except UserInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserInputError(
+            f"{_cap(name)} is too large to decode safely; "
+            f"the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels."
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise UserInputError(f"{_cap(name)} is not a readable image (unknown format or corrupt data).") from None
+    except PermissionError:
+        raise UserInputError(f"{_cap(name)} cannot be read (permission denied).") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        # OSError covers "image file is truncated"; the others are what broken headers raise.
+        raise UserInputError(f"{_cap(name)} is corrupt or truncated and cannot be decoded ({exc}).") from None
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    """Wrap what gr.Image gives: HxWx3/HxWx4 uint8, or HxW(x1) when it was asked for greyscale."""
+    if array.dtype != np.uint8:
+        raise UserInputError(f"The image array has dtype {array.dtype}; expected uint8 pixel values 0-255.")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array), "L")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        mode = "RGB" if array.shape[2] == 3 else "RGBA"
+        return Image.fromarray(np.ascontiguousarray(array), mode)
+    raise UserInputError(f"The image array has shape {array.shape}; expected HxWx3 or HxWx4.")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparent pixels become white (garment shots are on white)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # convert("RGB") would clip 16-bit values at 255 (almost all white); scale instead.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        im = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
+
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def load_image(source: Any, *, name: str | None = None) -> Image.Image:
+    """Load a person or garment photo from a path, bytes, PIL image or numpy array as RGB.
+
+    ``name`` overrides how the image is called in error messages (e.g. "the garment image").
+    Raises :class:`UserInputError` with one sentence for anything a user could have got wrong.
+    """
+    label = name or _describe(source)
+    if isinstance(source, Image.Image):
+        _check_size(source.size, label)
+        try:
+            im = ImageOps.exif_transpose(source)
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"{_cap(label)} cannot be decoded ({exc}).") from None
+    elif isinstance(source, np.ndarray):
+        im = _array_to_image(source)
+        _check_size(im.size, label)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise UserInputError(f"{_cap(label)} is empty (0 bytes).")
+        im = _open_and_load(io.BytesIO(bytes(source)), label)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise UserInputError(f"{_cap(label)} does not exist.")
+        if path.is_dir():
+            raise UserInputError(f"{_cap(label)} is a directory, not an image file.")
+        if path.stat().st_size == 0:
+            raise UserInputError(f"{_cap(label)} is empty (0 bytes).")
+        im = _open_and_load(path, label)
+    elif source is None:
+        raise UserInputError("No image was given.")
+    else:
+        raise UserInputError(f"Cannot read an image from a {type(source).__name__}; give a file path, bytes or an image.")
+    try:
+        return _to_rgb(im)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{_cap(label)} (mode {im.mode}) cannot be decoded or converted to RGB ({exc}).") from None
+
+
+def _as_rgb(image: Any) -> Image.Image:
+    """Let the resize helpers take anything load_image takes."""
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image
+    return load_image(image)
+
+
+def _check_target(width: int, height: int) -> tuple[int, int]:
+    if int(width) <= 0 or int(height) <= 0:
+        raise ValueError(f"target size must be positive, got {width}x{height}")
+    return int(width), int(height)
+
+
+def fit_reference(image: Any, width: int, height: int) -> Image.Image:
+    """Resize to cover ``width`` x ``height`` and centre-crop (Lanczos), as the model was trained.
+
+    The reference frame is the first video frame, so it must fill the canvas; cropping the
+    borders is the lesser evil compared with bars the model would animate.
+    """
+    size = _check_target(width, height)
+    return ImageOps.fit(_as_rgb(image), size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def letterbox_garment(image: Any, width: int, height: int) -> Image.Image:
+    """Fit the whole garment inside ``width`` x ``height``, keep its aspect, centre-pad on white.
+
+    Cropping could cut off sleeves or a hem the model must copy; training used white padding.
+    """
+    size = _check_target(width, height)
+    return ImageOps.pad(
+        _as_rgb(image), size, method=Image.Resampling.LANCZOS, color=_WHITE, centering=(0.5, 0.5)
+    )
+
+
+def image_to_tensor(image: Any) -> torch.Tensor:
+    """RGB image -> float32 tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
+    arr = np.asarray(_as_rgb(image), dtype=np.uint8)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """Decoded video [3, F, H, W] or [1, 3, F, H, W] in [-1, 1] -> uint8 frames [F, H, W, 3].
+
+    Values are clamped (the VAE overshoots slightly) and rounded, not truncated, so that
+    image_to_tensor followed by this function is lossless.
+    """
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(video).__name__}")
+    if video.ndim == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"expected batch size 1, got shape {tuple(video.shape)}")
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected [3, F, H, W] or [1, 3, F, H, W], got shape {tuple(video.shape)}")
+    x = video.detach().to(device="cpu", dtype=torch.float32)
+    x = torch.nan_to_num(x, nan=0.0).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
+    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def frame_to_image(frame: np.ndarray) -> Image.Image:
+    """One uint8 frame [H, W, 3] -> PIL RGB image (e.g. for a preview or a thumbnail)."""
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] frame, got {frame.dtype} {frame.shape}")
+    return Image.fromarray(np.ascontiguousarray(frame), "RGB")
+
+
+# =============================================================================================
+# Video
+# =============================================================================================
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    """Accept [F, H, W, 3] (or a single [H, W, 3]) uint8; refuse odd sizes yuv420p cannot hold."""
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1:3]
+    if width % 2 or height % 2:
+        # Padding would silently change the output size; the model only makes even sizes anyway.
+        raise ValueError(
+            f"H.264 {PIX_FMT} needs even width and height, got {width}x{height}; "
+            "crop or pad the frames to even dimensions first"
+        )
+    return frames
+
+
+class VideoWriter:
+    """Incremental H.264 mp4 writer: call :meth:`write` once per generated chunk, then close.
+
+    The file is opened on the first write (its size fixes the video size), so an unused writer
+    leaves nothing behind. ``frames_written`` counts frames handed to the encoder.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fps: int = DEFAULT_FPS,
+        *,
+        crf: int = CRF,
+        preset: str = PRESET,
+        gop: int | None = None,
+        zerolatency: bool = False,
+        container_format: str = "mp4",
+    ) -> None:
+        if int(fps) <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.path = Path(path)
+        self.fps = int(fps)
+        self.frames_written = 0
+        self._options = {"crf": str(crf), "preset": preset}
+        if gop is not None:
+            self._options["g"] = str(int(gop))
+        if zerolatency:
+            # No B-frames and no lookahead: each frame is emitted as soon as it is encoded.
+            self._options.update({"tune": "zerolatency", "bf": "0"})
+        self._format = container_format
+        self._container: Any = None
+        self._stream: Any = None
+        self._size: tuple[int, int] | None = None
+        self._closed = False
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------------------
+    def _open(self, width: int, height: int) -> None:
+        # faststart moves the index to the front at close, so browsers can play before downloading.
+        self._container = av.open(
+            str(self.path), mode="w", format=self._format, options={"movflags": "+faststart"}
+        )
+        stream = self._container.add_stream(VIDEO_CODEC, rate=self.fps, options=dict(self._options))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = PIX_FMT
+        stream.codec_context.time_base = Fraction(1, self.fps)
+        stream.codec_context.color_primaries = _BT709
+        stream.codec_context.color_trc = _BT709
+        stream.codec_context.colorspace = _BT709
+        stream.codec_context.color_range = _RANGE_TV
+        self._stream = stream
+        self._size = (width, height)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode uint8 frames [F, H, W, 3] (RGB); every call must use the same size."""
+        if self._closed:
+            raise RuntimeError(f"VideoWriter for {self.path} is already closed")
+        frames = _check_frames(frames)
+        height, width = frames.shape[1:3]
+        if self._container is None:
+            self._open(width, height)
+        elif (width, height) != self._size:
+            raise ValueError(f"frame size {width}x{height} differs from the video's {self._size[0]}x{self._size[1]}")
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame = frame.reformat(
+                format=PIX_FMT, dst_colorspace=_COLORSPACE, dst_color_range="MPEG"
+            )
+            frame.pts = self.frames_written
+            frame.time_base = Fraction(1, self.fps)
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    def close(self) -> None:
+        """Flush the encoder and finish the file; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+
+
+def encode_segment(frames: np.ndarray, path: str | os.PathLike, fps: int = DEFAULT_FPS) -> Path:
+    """Write one short, self-contained H.264 mp4 for a streaming player (e.g. gr.Video HLS).
+
+    The segment starts with an IDR frame and has a single GOP, no B-frames (zerolatency) and the
+    index at the front, so it plays alone and remuxes to MPEG-TS by stream copy. It is written
+    to a temporary name and renamed, so a reader polling the folder never sees half a file.
+    """
+    frames = _check_frames(frames)
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
+    os.close(fd)
+    try:
+        with VideoWriter(tmp_name, fps, gop=len(frames), zerolatency=True, container_format="mp4") as writer:
+            writer.write(frames)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file really contains (frames counted by decoding, not from the header)."""
+
+    codec: str
+    frames: int
+    width: int
+    height: int
+    fps: float
+    pix_fmt: str | None = None
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Describe the first video stream of ``path``; decodes every frame to count them exactly."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"Video file '{path}' does not exist.")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserInputError(f"File '{path}' has no video stream.")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            count = sum(1 for _ in container.decode(stream))
+            ctx = stream.codec_context
+            return VideoInfo(
+                codec=ctx.name,
+                frames=count,
+                width=ctx.width,
+                height=ctx.height,
+                fps=float(rate) if rate else 0.0,
+                pix_fmt=ctx.pix_fmt,
+            )
+    except UserInputError:
+        raise
+    except (av.error.FFmpegError, OSError) as exc:
+        raise UserInputError(f"File '{path}' is not a readable video ({exc}).") from None

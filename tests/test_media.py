@@ -1,0 +1,323 @@
+"""Tests for fashionchameleon.media: image loading/normalisation and H.264 output."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fashionchameleon import media
+from fashionchameleon.errors import UserInputError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+W, H = 64, 96  # small even frame size used for the video tests
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` but carries no pixel data (nothing is allocated)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _frames(n: int, width: int = W, height: int = H, seed: int = 0) -> np.ndarray:
+    """Smooth moving gradients (compress like real video, unlike noise)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((n, height, width, 3), np.uint8)
+    for i in range(n):
+        out[i, ..., 0] = (xx * 255 // max(width - 1, 1) + 5 * i + seed) % 256
+        out[i, ..., 1] = yy * 255 // max(height - 1, 1)
+        out[i, ..., 2] = 128
+    return out
+
+
+# --- load_image: modes ----------------------------------------------------------------------
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    im = Image.new("RGBA", (40, 40), (255, 0, 0, 255))
+    im.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black -> white
+    im.putpixel((1, 0), (0, 0, 255, 128))  # half transparent blue -> light blue
+    path = tmp_path / "rgba.png"
+    im.save(path)
+    out = media.load_image(path)
+    assert out.mode == "RGB" and out.size == (40, 40)
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    r, g, b = out.getpixel((1, 0))
+    assert 120 <= r <= 135 and 120 <= g <= 135 and b == 255
+    assert out.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_la_and_palette_transparency_become_white():
+    la = Image.new("LA", (40, 40), (10, 0))
+    assert media.load_image(_png_bytes(la)).getpixel((3, 3)) == (255, 255, 255)
+
+    p = Image.new("P", (40, 40), 1)
+    p.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    p.info["transparency"] = 1
+    buf = io.BytesIO()
+    p.save(buf, format="PNG", transparency=1)
+    assert media.load_image(buf.getvalue()).getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_grayscale_palette_cmyk_to_rgb(tmp_path):
+    gray = media.load_image(_png_bytes(Image.new("L", (40, 40), 77)))
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (77, 77, 77)
+
+    p = Image.new("P", (40, 40), 2)
+    p.putpalette([0, 0, 0, 0, 0, 0, 10, 20, 30] + [0] * 759)
+    assert media.load_image(_png_bytes(p)).getpixel((0, 0)) == (10, 20, 30)
+
+    path = tmp_path / "cmyk.tif"
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+    assert media.load_image(path).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    arr = np.full((40, 40), 65535, np.uint16)
+    arr[:, 20:] = 32896  # 128 * 257
+    im = Image.fromarray(arr)  # mode I;16
+    assert im.mode.startswith("I")
+    out = media.load_image(_png_bytes(im))
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((30, 0)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (60, 40), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    assert media.load_image(buf.getvalue()).size == (40, 60)
+
+
+def test_numpy_and_pil_inputs():
+    rgb = np.zeros((48, 40, 3), np.uint8)
+    rgb[..., 1] = 200
+    out = media.load_image(rgb)
+    assert out.size == (40, 48) and out.getpixel((0, 0)) == (0, 200, 0)
+
+    rgba = np.zeros((48, 40, 4), np.uint8)  # all transparent
+    assert media.load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+
+    assert media.load_image(Image.new("L", (40, 40), 9)).getpixel((0, 0)) == (9, 9, 9)
+
+    with pytest.raises(UserInputError, match="dtype"):
+        media.load_image(rgb.astype(np.float32))
+
+
+# --- load_image: errors ---------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist") as info:
+        media.load_image(tmp_path / "nope.png")
+    assert "nope.png" in str(info.value)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(UserInputError, match="directory"):
+        media.load_image(tmp_path)
+
+
+def test_text_file_named_png(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image\n")
+    with pytest.raises(UserInputError, match="not a readable image") as info:
+        media.load_image(path)
+    assert "notes.png" in str(info.value)
+
+
+def test_truncated_png(tmp_path):
+    data = _png_bytes(Image.fromarray(_frames(1, 200, 200)[0]))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserInputError, match="truncated") as info:
+        media.load_image(path)
+    assert "cut.png" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        (8000, 6000),  # 48 MP: over our limit, under PIL's warning threshold
+        (10000, 10000),  # 100 MP: PIL only warns; the warning must become an error
+        (100000, 100000),  # 10 GP: PIL's DecompressionBombError
+    ],
+)
+def test_decompression_bomb(tmp_path, size):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(*size))
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    filters = list(warnings.filters)
+    with pytest.raises(UserInputError, match="too large") as info:
+        media.load_image(path)
+    assert "bomb.png" in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # global PIL state untouched
+    assert warnings.filters == filters
+
+
+def test_too_small_image():
+    with pytest.raises(UserInputError, match="too small"):
+        media.load_image(_png_bytes(Image.new("RGB", (100, media.MIN_IMAGE_SIDE - 1))))
+    with pytest.raises(UserInputError, match="too small"):
+        media.load_image(np.zeros((10, 100, 3), np.uint8))
+
+
+def test_custom_name_in_message():
+    with pytest.raises(UserInputError, match="The garment image"):
+        media.load_image(b"garbage", name="the garment image")
+
+
+# --- resizing and tensors -------------------------------------------------------------------
+
+
+def test_fit_reference_covers_and_crops():
+    im = Image.new("RGB", (300, 100), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 50, 100))  # red strip at the left edge gets cropped away
+    out = media.fit_reference(im, W, H)
+    assert out.size == (W, H)
+    arr = np.asarray(out)
+    assert (arr[..., 2] > 250).all() and (arr[..., 0] < 5).all()
+
+
+def test_letterbox_pads_white_and_keeps_whole_garment():
+    im = Image.new("RGB", (200, 100), (200, 0, 0))  # wide garment into a tall canvas
+    out = media.letterbox_garment(im, W, H)
+    assert out.size == (W, H)
+    arr = np.asarray(out).astype(int)
+    # Content is scaled to 64x32 and centred vertically: rows 32..63.
+    assert (arr[:30] == 255).all() and (arr[66:] == 255).all()
+    middle = arr[34:62]
+    assert (abs(middle - [200, 0, 0]) <= 2).all()  # left and right edges of the garment kept
+    # A tall garment is padded left/right instead.
+    tall = media.letterbox_garment(Image.new("RGB", (50, 300), (0, 0, 0)), W, H)
+    t = np.asarray(tall)
+    assert (t[:, :20] == 255).all() and (t[:, -20:] == 255).all() and (t[:, 30:34] == 0).all()
+
+
+def test_image_to_tensor_and_back_is_lossless():
+    frame = _frames(1)[0]
+    frame[0, 0] = (0, 255, 0)
+    x = media.image_to_tensor(Image.fromarray(frame))
+    assert x.shape == (3, H, W) and x.dtype == torch.float32
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    video = x[:, None].repeat(1, 3, 1, 1)  # [3, F, H, W]
+    frames = media.tensor_to_frames(video)
+    assert frames.shape == (3, H, W, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames[2], frame)
+    assert np.array_equal(media.tensor_to_frames(video[None]), frames)
+    assert np.array_equal(np.asarray(media.frame_to_image(frames[0])), frame)
+
+
+def test_tensor_to_frames_clamps_and_rounds():
+    v = torch.tensor([-3.0, -1.0, 0.0, 0.999, 5.0]).view(1, 1, 1, 5).expand(3, 1, 1, 5)
+    out = media.tensor_to_frames(v.to(torch.bfloat16))
+    assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+    with pytest.raises(ValueError):
+        media.tensor_to_frames(torch.zeros(3, H, W))
+
+
+# --- video ----------------------------------------------------------------------------------
+
+
+def _decode_rgb(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_video_writer_incremental(tmp_path):
+    path = tmp_path / "out.mp4"
+    frames = _frames(33)
+    with media.VideoWriter(path, fps=24) as writer:
+        for start, stop in ((0, 9), (9, 21), (21, 33)):
+            writer.write(frames[start:stop])
+        assert writer.frames_written == 33
+    info = media.probe_video(path)
+    assert (info.codec, info.frames, info.width, info.height) == ("h264", 33, W, H)
+    assert info.fps == pytest.approx(24.0) and info.pix_fmt == media.PIX_FMT
+    decoded = _decode_rgb(path)
+    assert np.abs(decoded.astype(int) - frames).mean() < 6  # lossy, but the same pictures
+
+
+def test_video_writer_rejects_odd_and_mismatched_sizes(tmp_path):
+    with media.VideoWriter(tmp_path / "odd.mp4") as writer:
+        with pytest.raises(ValueError, match="even"):
+            writer.write(np.zeros((2, 95, 64, 3), np.uint8))
+        writer.write(np.zeros((2, H, W, 3), np.uint8))
+        with pytest.raises(ValueError, match="differs"):
+            writer.write(np.zeros((2, H + 2, W, 3), np.uint8))
+    unused = media.VideoWriter(tmp_path / "unused.mp4")
+    unused.close()
+    assert not (tmp_path / "unused.mp4").exists()
+
+
+def test_encode_segment_is_self_contained_h264(tmp_path):
+    frames = _frames(12, seed=40)
+    path = media.encode_segment(frames, tmp_path / "seg_0001.mp4")
+    assert path == tmp_path / "seg_0001.mp4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg_0001.mp4"]  # no temp file left
+    info = media.probe_video(path)
+    assert (info.codec, info.frames, info.width, info.height) == ("h264", 12, W, H)
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # faststart: playable while downloading
+    with av.open(str(path)) as c:
+        packets = [p for p in c.demux(video=0) if p.size]
+    assert len(packets) == 12 and packets[0].is_keyframe  # starts with an IDR: decodable alone
+    assert np.abs(_decode_rgb(path).astype(int) - frames).mean() < 6
+
+
+def test_probe_video_errors(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        media.probe_video(tmp_path / "none.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(UserInputError, match="not a readable video"):
+        media.probe_video(bad)
+
+
+# --- shipped example assets -----------------------------------------------------------------
+
+GARMENTS = ["garment_red_stripes.png", "garment_blue_checks.png", "garment_green_dots.png"]
+
+
+def test_shipped_assets_load_with_intended_shapes():
+    ref = media.load_image(ASSETS / "reference.png")
+    assert ref.height > ref.width  # portrait person
+    for name in GARMENTS:
+        garment = media.load_image(ASSETS / name)
+        assert garment.width == garment.height  # square product shot
+        arr = np.asarray(garment)
+        assert (arr[:4] == 255).all() and (arr[:, :4] == 255).all()  # on white
+        assert (arr != 255).any(axis=2).mean() > 0.2  # and there is a garment on it
+        assert (ASSETS / name).stat().st_size < 64_000
+
+
+def test_make_examples_is_deterministic(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_examples", ASSETS / "make_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT_DIR", tmp_path)
+    for path in module.main():
+        shipped = Image.open(ASSETS / path.name)
+        fresh = Image.open(path)
+        assert np.array_equal(np.asarray(shipped.convert("RGB")), np.asarray(fresh.convert("RGB"))), path.name
