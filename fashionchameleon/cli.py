@@ -1,0 +1,156 @@
+"""`python -m fashionchameleon generate|bench|convert`: thin wrappers over the engine.
+
+Bad user input ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserInputError
+from .presets import DEFAULT_PRESET, PRESETS
+
+logger = logging.getLogger("fashionchameleon")
+
+
+def _switch(value: str) -> tuple[int, str]:
+    chunk, sep, path = value.partition(":")
+    if not sep or not chunk.isdigit() or int(chunk) < 1 or not path:
+        raise argparse.ArgumentTypeError(f"--switch wants K:IMAGE with K >= 1 (a chunk index), got {value!r}")
+    return int(chunk), path
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fashionchameleon", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
+        p.add_argument("--checkpoint", help="FashionChameleon weights: model.pt, .safetensors or a saved folder")
+        p.add_argument("--base", help="diffusers Wan2.2-TI2V-5B folder or hub id (wan22-ti2v-5b)")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--switch-mode", default="full", choices=["refresh", "refresh+withdraw", "full"])
+
+    gen = sub.add_parser("generate", help="write an H.264 mp4 of a streamed try-on video")
+    model_args(gen)
+    gen.add_argument("--reference", required=True, help="photo of the person")
+    gen.add_argument("--garment", required=True, help="photo of the garment")
+    gen.add_argument("--prompt", default="", help="motion and scene; garment words are removed")
+    gen.add_argument("--chunks", type=_positive, default=7, help="N chunks give 9 + 12(N-1) frames")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--switch", type=_switch, action="append", default=[], metavar="K:IMAGE",
+                     help="switch to IMAGE before chunk K (repeatable)")
+    gen.add_argument("--output", required=True, help="output .mp4")
+
+    bench = sub.add_parser("bench", help="measure streaming speed and the two baselines in one run")
+    model_args(bench)
+    bench.add_argument("--random-weights", action="store_true", help="full-size config with random weights")
+    bench.add_argument("--chunks", type=_positive, default=40)
+    bench.add_argument("--switch-every", type=int, default=0, help="switch garments every K chunks (0: never)")
+    bench.add_argument("--baseline-chunks", type=_positive, default=10, help="chunks timed for the recompute baseline")
+    bench.add_argument("--bidirectional-steps", type=_positive, help="teacher steps to time (scaled to all steps)")
+    bench.add_argument("--json", help="write the results here")
+
+    conv = sub.add_parser("convert", help="official model.pt -> diffusers transformer folder (safetensors)")
+    conv.add_argument("--input", required=True)
+    conv.add_argument("--output", required=True)
+    conv.add_argument("--preset", default="wan22-ti2v-5b", help="whose transformer config the weights have")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .engine import StreamingEngine
+    from .presets import load_preset
+
+    kwargs = {"base": args.base} if args.base else {}
+    if getattr(args, "random_weights", False):
+        kwargs["random_weights"] = True
+    preset, pipe = load_preset(args.preset, checkpoint=args.checkpoint, device=args.device, **kwargs)
+    if preset.random_weights or kwargs.get("random_weights"):
+        logger.warning("preset %s has random weights: the video is noise by design", preset.name)
+    return preset, pipe, StreamingEngine
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from . import media
+
+    images = {path: media.load_image(path) for path in [args.reference, args.garment] + [p for _, p in args.switch]}
+    switches = dict(args.switch)
+    if any(k >= args.chunks for k in switches):
+        raise UserInputError(f"--switch chunk indices must be below --chunks ({args.chunks})")
+    output = Path(args.output)
+    if output.suffix.lower() != ".mp4":
+        raise UserInputError(f"--output must end in .mp4, got {args.output}")
+    preset, pipe, StreamingEngine = _load(args)
+    engine = StreamingEngine(pipe, preset.stream, switch_mode=args.switch_mode)
+    stream = engine.start(images[args.reference], images[args.garment], args.prompt, args.seed, chunks=args.chunks)
+    if stream.removed_words:
+        logger.warning("removed garment words from the prompt: %s", ", ".join(stream.removed_words))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with media.VideoWriter(output, fps=preset.stream.fps) as writer, tqdm(total=args.chunks, unit="chunk") as bar:
+        for chunk in stream:
+            writer.write(chunk.frames)
+            bar.update(1)
+            if chunk.index + 1 in switches:
+                stream.request_switch(images[switches[chunk.index + 1]])
+    print(f"wrote {output} ({writer.frames_written} frames)")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import media
+    from .bench import format_table, run_bench
+
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    reference = media.load_image(assets / "reference.png")
+    garments = [media.load_image(p) for p in sorted(assets.glob("garment_*.png"))]
+    preset, pipe, _ = _load(args)
+    result = run_bench(pipe, preset.stream, reference, garments, chunks=args.chunks, switch_every=args.switch_every,
+                       baseline_chunks=args.baseline_chunks, bidirectional_steps=args.bidirectional_steps)
+    result["preset"] = preset.name
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from accelerate import init_empty_weights
+
+    from .models.causal_wan import CausalWanTransformer3DModel
+    from .models.convert import load_official_checkpoint
+    from .presets import TINY_TRANSFORMER, WAN22_TRANSFORMER, get_preset
+
+    get_preset(args.preset)
+    config = {"tiny": TINY_TRANSFORMER, "wan22-ti2v-5b": WAN22_TRANSFORMER}[args.preset]
+    state = load_official_checkpoint(args.input)
+    with init_empty_weights():
+        model = CausalWanTransformer3DModel(**config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise UserInputError(f"{args.input} does not match the {args.preset} transformer: {first}") from None
+    model.save_pretrained(args.output)
+    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert}[args.command](args)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
