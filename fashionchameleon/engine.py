@@ -56,6 +56,7 @@ class Chunk:
     frames: np.ndarray  # uint8 [F, H, W, 3]
     garment_version: int
     first_frame: int  # index of frames[0] in the whole stream
+    latents: torch.Tensor  # the chunk's clean latents [1, C, chunk_frames, h, w]
     timings: dict[str, float] = field(default_factory=dict)  # seconds; filled when the engine profiles
 
 
@@ -163,7 +164,8 @@ class Stream:
         self.decoder = engine.codec.stream_decoder()
         self.last_frame: np.ndarray | None = None
         # Clean latents of the cached frames by slot, for the recompute baseline (which keeps no K/V).
-        self._context: dict[KVSlot, list[torch.Tensor]] = {slot: [] for slot in KVSlot}
+        self._context: dict[KVSlot, list[tuple[torch.Tensor, int, int]]] = {slot: [] for slot in KVSlot}
+        self._group = 0
         self.next_position = CONDITION_FRAMES
         self.prefill()
 
@@ -207,6 +209,8 @@ class Stream:
         timer = _Timer(self.engine.profile, self.engine.device)
         self._apply_pending_switch(timer)
         n = self.engine.config.chunk_frames
+        if self.next_position + n > self.engine.pipe.transformer.config.rope_max_seq_len:
+            self.reanchor()
         positions = list(range(self.next_position, self.next_position + n))
         self.cache.make_room(n)
         x0 = self.denoise_chunk(positions)
@@ -215,7 +219,7 @@ class Stream:
         with torch.no_grad():
             frames = media.tensor_to_frames(self.decoder.decode(x0))  # host copy: the one sync per chunk
         timer.lap("decode")
-        chunk = Chunk(self.chunk_index, frames, self.garment_version, self.frames_out, timer.laps)
+        chunk = Chunk(self.chunk_index, frames, self.garment_version, self.frames_out, x0, timer.laps)
         self.next_position += n
         self.chunk_index += 1
         self.frames_out += len(frames)
@@ -265,6 +269,16 @@ class Stream:
         self.refresh_garment_kv()
         self.garment_version += 1
 
+    @torch.no_grad()
+    def reanchor(self) -> None:
+        """Restart RoPE positions before they run past the table (a long stream without switches): the same
+        rescheduling as a full switch, with the current garment. Positions then stay below the table forever."""
+        logger.info("stream reached RoPE position %d: re-anchoring at position %d", self.next_position,
+                    CONDITION_FRAMES)
+        self.withdraw_history_kv()
+        self.disentangle_reference()
+        self.refresh_garment_kv()
+
     def refresh_garment_kv(self) -> None:
         """Garment KV refresh: replace REFERENCE/GARMENT by a joint prefill with the current garment latent."""
         self.prefill()
@@ -302,32 +316,34 @@ class Stream:
         return self._forward_recompute(latents, timestep, positions, write, read)
 
     def _forward_recompute(self, latents, timestep, positions, write, read) -> torch.Tensor:
-        """No K/V kept: run [visible clean context ; latents] under the block mask and keep the last frames."""
+        """No K/V kept: run [visible clean context ; latents] under the block-causal mask, keep the last frames.
+
+        Each stored frame carries the id of the call that wrote it, so context frames see exactly what they
+        saw when they were committed; outputs equal the cached path until the window starts evicting (then
+        the cache holds K/V computed with frames that are no longer visible, which recompute cannot see).
+        """
         model = self.engine.pipe.transformer
         n = len(positions)
-        slots = tuple(KVSlot) if read is None else read
         self.cache.plan(positions, write=write, read=read)  # bookkeeping only: which frames stay visible
-        context = [frame for slot in slots for frame in self._visible(slot)]
-        ctx_latents = [latent for latent, _ in context]
-        ctx_positions = [pos for _, pos in context]
-        frames = torch.cat(ctx_latents + [latents], dim=2)
-        t = torch.cat([torch.zeros(len(context)), timestep.expand(n).cpu()])[None].to(latents.device)
-        ids = [0] * len(context) + [1] * n
+        context = [frame for slot in (tuple(KVSlot) if read is None else read) for frame in self._visible(slot)]
+        frames = torch.cat([latent for latent, _, _ in context] + [latents], dim=2)
+        t = torch.cat([torch.zeros(len(context), device=latents.device), timestep.expand(n)])[None]
+        ids = [group for _, _, group in context] + [self._group] * n
         mask = block_causal_mask(ids, self.cache.frame_tokens, device=latents.device)
-        out = model(frames, t, frame_positions=ctx_positions + positions, attention_mask=mask, text_kv=self.text_kv)
+        frame_positions = [pos for _, pos, _ in context] + positions
+        out = model(frames, t, frame_positions=frame_positions, attention_mask=mask, text_kv=self.text_kv)
         if write is not None:
-            targets = [write] * n if isinstance(write, KVSlot) else write
-            for i, slot in enumerate(targets):
+            for i, slot in enumerate([write] * n if isinstance(write, KVSlot) else write):
                 if slot in (KVSlot.REFERENCE, KVSlot.GARMENT):
                     self._context[slot].clear()
-                self._context[slot].append((latents[:, :, i : i + 1], positions[i]))
+                self._context[slot].append((latents[:, :, i : i + 1], positions[i], self._group))
+            self._group += 1
         return out.sample[:, :, -n:]
 
-    def _visible(self, slot: KVSlot) -> list[tuple[torch.Tensor, int]]:
+    def _visible(self, slot: KVSlot) -> list[tuple[torch.Tensor, int, int]]:
         kept = self.cache.positions(slot)
-        frames = [(latent, pos) for latent, pos in self._context[slot] if pos in kept]
-        self._context[slot] = frames
-        return frames
+        self._context[slot] = [frame for frame in self._context[slot] if frame[1] in kept]
+        return self._context[slot]
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         engine = self.engine
