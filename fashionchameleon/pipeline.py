@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
@@ -32,6 +35,26 @@ class FashionChameleonPipeline(DiffusionPipeline):
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
         )
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """A standard diffusers folder. `model_index.json` names the transformer as diffusers'
+        `WanTransformer3DModel` (its weights are exactly that), so stock diffusers tools can read the folder;
+        `from_pretrained` below puts the causal class back."""
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["transformer"] = ["diffusers", "WanTransformer3DModel"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "FashionChameleonPipeline":
+        """Standard diffusers loading, with the transformer loaded as the causal subclass (same weights), so a
+        stock Wan2.2 diffusers folder loads too."""
+        if "transformer" not in kwargs:
+            kwargs["transformer"] = CausalWanTransformer3DModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="transformer", torch_dtype=kwargs.get("torch_dtype")
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def codec(self) -> WanLatentCodec:

@@ -145,7 +145,9 @@ def build_wan22(
         # load_state_dict then copies the FashionChameleon values into those tensors.
         transformer = CausalWanTransformer3DModel.from_pretrained(base, subfolder="transformer", torch_dtype=dtype)
         transformer.load_state_dict(load_transformer_weights(checkpoint), strict=True)
-    return FashionChameleonPipeline.from_pretrained(base, transformer=transformer, torch_dtype=dtype)
+    # The base's own scheduler is the teacher's UniPC; the student samples on the warped flow-matching table.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
+    return FashionChameleonPipeline.from_pretrained(base, transformer=transformer, scheduler=scheduler, torch_dtype=dtype)
 
 
 def cast_except_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,0 +1,144 @@
+"""The CLI as a person uses it: real subprocesses, real files, exit codes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fashionchameleon import media
+from fashionchameleon.models.convert import to_official_state_dict
+from fashionchameleon.pipeline import FashionChameleonPipeline
+from fashionchameleon.presets import build_tiny
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+ASSETS = os.path.join(ROOT, "assets")
+REFERENCE = os.path.join(ASSETS, "reference.png")
+G1, G2, G3 = (os.path.join(ASSETS, f"garment_{n}.png") for n in ("red_stripes", "blue_checks", "green_dots"))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashionchameleon", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_generate_writes_h264_with_33_frames(tmp_path):
+    out = tmp_path / "out.mp4"
+    result = cli("generate", "--preset", "tiny", "--reference", REFERENCE, "--garment", G1, "--chunks", "3",
+                 "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    info = media.probe_video(out)
+    assert (info.codec, info.frames, info.width, info.height) == ("h264", 33, 64, 96)
+
+
+def test_generate_with_two_switches_writes_69_frames(tmp_path):
+    out = tmp_path / "switch.mp4"
+    result = cli("generate", "--preset", "tiny", "--reference", REFERENCE, "--garment", G1, "--chunks", "6",
+                 "--switch", f"2:{G2}", "--switch", f"4:{G3}", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert media.probe_video(out).frames == 69
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--reference", "missing.png"], "missing.png"),
+        (["--reference", __file__], "image"),
+        (["--preset", "nope"], "unknown preset"),
+        (["--checkpoint", __file__], "model_index.json"),
+        (["--switch", "0:x.png"], "K >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    base = {"--preset": "tiny", "--reference": REFERENCE, "--garment": G1, "--output": str(tmp_path / "o.mp4")}
+    merged = dict(base)
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in merged:
+            merged[flag] = value
+        else:
+            extra += [flag, value]
+    argv = ["generate", *[x for pair in merged.items() for x in pair], *extra]
+    result = cli(*argv)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_checkpoint_for_convert(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_text("not a checkpoint")
+    result = cli("convert", "--input", str(bad), "--output", str(tmp_path / "out"), "--preset", "tiny")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_convert_official_checkpoint_then_load_matches(tmp_path):
+    """model.pt (both official layouts) -> convert -> from_pretrained gives the directly built model's output."""
+    pipe = build_tiny(seed=0)
+    model = pipe.transformer
+    official = to_official_state_dict(model.state_dict())
+    noisy = {k: v + 0.1 for k, v in official.items()}
+    x = torch.randn(1, 48, 3, 6, 4, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x, torch.tensor([500.0]), text).sample
+    for name, payload in [("plain", {"generator": official, "global_step": 3}),
+                          ("dmd", {"generator": noisy, "critic": noisy, "generator_ema": official})]:
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        out = tmp_path / f"{name}-converted"
+        result = cli("convert", "--input", str(path), "--output", str(out), "--preset", "tiny")
+        assert result.returncode == 0, result.stderr
+        loaded = type(model).from_pretrained(out).eval()
+        with torch.no_grad():
+            assert float((loaded(x, torch.tensor([500.0]), text).sample - expected).abs().max()) == 0.0
+    # Negative control: the noisy generator weights give another output.
+    model_noisy = type(model).from_config(model.config)
+    from fashionchameleon.models.convert import convert_official_state_dict
+
+    model_noisy.load_state_dict(convert_official_state_dict({k[len("model."):]: v for k, v in noisy.items()}))
+    with torch.no_grad():
+        assert float((model_noisy.eval()(x, torch.tensor([500.0]), text).sample - expected).abs().max()) > 1e-2
+
+
+def test_whole_preset_save_pretrained_round_trip(tmp_path):
+    """save_pretrained -> from_pretrained of the whole pipeline (tokenizer, UMT5, transformer, VAE, scheduler)
+    streams the same video, and the CLI loads the folder as --checkpoint."""
+    from fashionchameleon.engine import StreamingEngine
+    from fashionchameleon.presets import get_preset
+
+    pipe = build_tiny(seed=0)
+    pipe.save_pretrained(tmp_path / "tiny")
+    loaded = FashionChameleonPipeline.from_pretrained(tmp_path / "tiny")
+    config = get_preset("tiny").stream
+    videos = [
+        [c.frames for c in StreamingEngine(p, config).start(REFERENCE, G1, "a person walks", seed=2, chunks=2)]
+        for p in (pipe, loaded)
+    ]
+    assert all((a == b).all() for a, b in zip(*videos))
+    out = tmp_path / "o.mp4"
+    result = cli("generate", "--preset", "tiny", "--checkpoint", str(tmp_path / "tiny"), "--reference", REFERENCE,
+                 "--garment", G1, "--chunks", "1", "--output", str(out))
+    assert result.returncode == 0, result.stderr and media.probe_video(out).frames == 9
+
+
+def test_wan22_preset_loads_a_stock_wan_folder_plus_official_checkpoint(tmp_path):
+    """The 5B loading path on tiny sizes: a stock diffusers WanPipeline folder (what the hub holds) as the base,
+    FashionChameleon weights from an official model.pt on top."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from fashionchameleon.presets import TINY_TRANSFORMER, build_wan22
+
+    tiny = build_tiny(seed=0)
+    stock = WanTransformer3DModel(**TINY_TRANSFORMER)
+    base = WanPipeline(tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder, vae=tiny.vae,
+                       scheduler=UniPCMultistepScheduler(flow_shift=5.0), transformer=stock, expand_timesteps=True)
+    base.save_pretrained(tmp_path / "base")
+    torch.save({"generator_ema": to_official_state_dict(tiny.transformer.state_dict())}, tmp_path / "model.pt")
+    pipe = build_wan22(checkpoint=tmp_path / "model.pt", base=tmp_path / "base")
+    assert type(pipe.transformer).__name__ == "CausalWanTransformer3DModel"
+    for name, value in tiny.transformer.state_dict().items():
+        assert torch.equal(pipe.transformer.state_dict()[name], value), name
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
