@@ -118,14 +118,15 @@ class StreamingEngine:
     def encode_reference(self, image: Image.Image) -> torch.Tensor:
         """Reference photo: cover + centre crop to the stream size, one latent frame."""
         fitted = media.fit_reference(image, self.config.width, self.config.height)
-        return self._encode(media.image_to_tensor(fitted))
+        return self.encode_pixels(media.image_to_tensor(fitted))
 
     def encode_garment(self, image: Image.Image) -> torch.Tensor:
         """Garment photo: letterboxed on white to the stream size, one latent frame."""
         boxed = media.letterbox_garment(image, self.config.width, self.config.height)
-        return self._encode(media.image_to_tensor(boxed))
+        return self.encode_pixels(media.image_to_tensor(boxed))
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] in [-1, 1] at the stream size -> one normalized latent frame [1, C, 1, h, w]."""
         latent = self.codec.encode_image(pixels[None].to(self.device))
         return latent.to(self.dtype)
 
@@ -297,7 +298,7 @@ class Stream:
         if self.last_frame is None:
             return
         pixels = media.image_to_tensor(media.frame_to_image(self.last_frame))
-        self.reference_latent = self.engine._encode(pixels)
+        self.reference_latent = self.engine.encode_pixels(pixels)
 
     # -- the one model call ---------------------------------------------------------------------------------
     def _forward(

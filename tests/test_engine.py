@@ -118,7 +118,7 @@ def test_switch_modes_leave_the_cache_as_specified(pipe, stream_config, mode):
     else:
         assert after["sink"] == [] and after["history"] == [] and stream.next_position == 2
     if mode is SwitchMode.FULL:
-        expected = engine._encode(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
+        expected = engine.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
         assert torch.equal(stream.reference_latent, expected)
         assert float((stream.reference_latent - old_reference).abs().max()) > 1e-3
     else:
@@ -244,3 +244,29 @@ def test_prompt_garment_words_are_removed_and_reported(pipe, stream_config):
     )
     assert "shirt" not in stream.prompt and "walks" in stream.prompt
     assert stream.removed_words
+
+
+def test_each_primitive_alone(pipe, stream_config):
+    """refresh: only REFERENCE/GARMENT rewritten; withdraw: SINK/HISTORY empty and position back to 2;
+    disentangle: the reference latent becomes the last shown frame, the cache is untouched."""
+    stream = StreamingEngine(pipe, stream_config).start(REFERENCE, GARMENTS[0], chunks=4)
+    for _ in range(3):
+        next(stream)
+    tokens = stream.cache.frame_tokens
+    before = positions(stream)
+    history_keys = stream.cache.keys[1][:, 2 * tokens :].clone()
+
+    stream.garment_latent = stream.engine.encode_garment(media.load_image(GARMENTS[2]))
+    stream.refresh_garment_kv()
+    assert positions(stream) == before and stream.next_position == 11
+    assert torch.equal(stream.cache.keys[1][:, 2 * tokens :], history_keys)
+
+    reference_keys = stream.cache.keys[1][:, :tokens].clone()
+    stream.disentangle_reference()
+    assert positions(stream) == before and torch.equal(stream.cache.keys[1][:, :tokens], reference_keys)
+    expected = stream.engine.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
+    assert torch.equal(stream.reference_latent, expected)
+
+    stream.withdraw_history_kv()
+    assert positions(stream) == {"reference": [0], "garment": [1], "sink": [], "history": []}
+    assert stream.next_position == 2
