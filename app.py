@@ -1,0 +1,202 @@
+"""FashionChameleon Space: stream a try-on video and switch the garment while it plays.
+
+Wiring only (STYLE.md §5.6): components, events with chosen API names, queue and concurrency groups, examples.
+Streams, the per-session mailbox, pacing and cleanup live in `fashionchameleon.serving`; the model in
+`fashionchameleon.engine`.
+
+Environment:
+  FASHIONCHAMELEON_PRESET      model preset (default: the package default)
+  FASHIONCHAMELEON_CHECKPOINT  weights for that preset
+  FASHIONCHAMELEON_PACING      playback speed output is paced to (1 = real time, 0 = no pacing)
+  FASHIONCHAMELEON_STREAMS     streams generated at once (model calls interleave chunk by chunk)
+  GRADIO_SERVER_NAME / GRADIO_SERVER_PORT   where to listen (default 127.0.0.1:7860)
+
+API (gradio_client; one Client is one session):
+  /generate(reference, garment, prompt, chunks, seed) -> streamed (video, chunk mp4, status)
+  /switch_garment(garment) -> status      /stop() -> status
+"""
+
+import spaces  # noqa: I001 - first: on ZeroGPU it patches torch before anything touches CUDA
+
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from fashionchameleon.errors import UserInputError
+from fashionchameleon.presets import CHECKPOINT_ENV, DEFAULT_PRESET
+from fashionchameleon.serving import IDLE, StreamService
+
+PRESET_ENV = "FASHIONCHAMELEON_PRESET"
+PACING_ENV = "FASHIONCHAMELEON_PACING"
+STREAMS_ENV = "FASHIONCHAMELEON_STREAMS"
+#: Two streams at once keep two visitors live on the tiny preset; on one GPU with a large model use 1.
+DEFAULT_STREAMS = 2
+#: Requests allowed to wait for a free stream; ZeroGPU silently makes an unset queue size 1.
+QUEUE_SIZE = 16
+#: Eight seconds of video with 0.5 s chunks (12 frames at 24 fps).
+DEFAULT_CHUNKS = 16
+#: Photos larger than this are refused at upload (decompression bombs are caught later, by pixel count).
+MAX_UPLOAD = "20mb"
+#: Pixel heights that keep the page on one phone screen per column.
+PHOTO_HEIGHT, NEXT_GARMENT_HEIGHT, WARDROBE_HEIGHT = 280, 200, 190
+#: Gradio's cache (uploads and per-chunk files) is swept every hour of files older than an hour.
+CACHE_SWEEP = (3600, 3600)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+REFERENCE = ASSETS / "reference.png"
+GARMENTS = sorted(ASSETS.glob("garment_*.png"))
+
+CSS = """
+#video video { max-height: 70vh; }
+#status-line { min-height: 2.5em; }
+footer { display: none !important; }
+"""
+#: Renders the status JSON as one line in the browser (no server round trip per chunk).
+STATUS_LINE_JS = """
+(s) => {
+  if (!s || !s.state) return "";
+  if (s.state === "idle") return "No stream is running.";
+  const parts = [`**${s.state}**`];
+  if (s.chunk !== undefined) {
+    parts.push(`chunk ${s.chunk + 1} / ${s.chunks}`, `garment v${s.garment_version}`,
+               `${s.fps} fps generated, plays at ${s.playback_fps} fps`);
+  }
+  return parts.join(" · ");
+}
+"""
+LAUNCH_OPTIONS = dict(max_file_size=MAX_UPLOAD, theme=gr.themes.Soft(), css=CSS)
+
+
+def uploaded(image: dict | None) -> str | None:
+    """The file behind an image input of an event with `preprocess=False`: Gradio has moved it into its cache and
+    checked where it came from, but not opened it, so `fashionchameleon.media` judges it (gr.Image's own
+    preprocessing opens and converts the file, turning corrupt files and bombs into a generic error)."""
+    return image["path"] if image else None
+
+
+def garment_name(path: Path) -> str:
+    return path.stem.removeprefix("garment_").replace("_", " ")
+
+
+def banner(service: StreamService) -> str:
+    preset = service.preset
+    text = f"# FashionChameleon: live try-on\n**Model:** `{preset.name}`: {preset.description}."
+    if preset.random_weights:
+        text += ("\n\n> This preset has **random weights**: the video is noise by design. It exercises the whole "
+                 "streaming path (chunks, garment switching, pacing) without a trained model.")
+    return text
+
+
+def build_demo(service: StreamService, streams: int = DEFAULT_STREAMS) -> gr.Blocks:
+    """The page; `streams` is how many sessions may generate at once."""
+    gpu_produce = spaces.GPU(duration=service.gpu_duration)(service.produce)
+
+    def generate(reference: dict, garment: dict, prompt: str, chunks: int, seed: int, request: gr.Request):
+        """Stream a try-on video: per chunk an H.264 segment, the same segment as a file, and a status."""
+        reference, garment = uploaded(reference), uploaded(garment)
+        try:
+            notes = service.check_image(reference, "reference photo") + service.check_image(garment, "garment photo")
+            prompt, chunks, seed = service.check_request(prompt, chunks, seed)
+        except UserInputError as error:
+            raise gr.Error(str(error)) from None
+        for note in notes:
+            gr.Info(note)
+        try:
+            for segment, status in service.stream(request.session_hash, reference, garment, prompt, chunks, seed,
+                                                  producer=gpu_produce):
+                if status["chunk"] == 0 and status["removed_words"]:
+                    gr.Warning(f"Garment words were removed from the prompt ({', '.join(status['removed_words'])}): "
+                               "the garment photo decides what is worn.")
+                yield segment, segment, status
+        except UserInputError as error:
+            raise gr.Error(str(error)) from None
+
+    def switch_garment(garment: dict, request: gr.Request) -> dict:
+        """Switch the running stream to this garment at its next chunk."""
+        garment = uploaded(garment)
+        try:
+            for note in service.check_image(garment, "new garment photo"):
+                gr.Info(note)
+            return service.switch(request.session_hash, garment)
+        except UserInputError as error:
+            raise gr.Error(str(error)) from None
+
+    def stop(request: gr.Request) -> dict:
+        """End the running stream at its next chunk."""
+        status = service.stop(request.session_hash)
+        if status["state"] == IDLE:
+            gr.Warning("No stream is running.")
+        return status
+
+    def close_session(request: gr.Request) -> None:
+        service.close_session(request.session_hash)
+
+    def pick_garment(event: gr.SelectData) -> str:
+        return str(GARMENTS[event.index])
+
+    with gr.Blocks(title="FashionChameleon", delete_cache=CACHE_SWEEP) as demo:
+        gr.Markdown(banner(service), elem_id="banner")
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=300):
+                with gr.Row():
+                    reference = gr.Image(label="Person", type="filepath", elem_id="reference", height=PHOTO_HEIGHT)
+                    garment = gr.Image(label="Garment", type="filepath", elem_id="garment", height=PHOTO_HEIGHT)
+                prompt = gr.Textbox(label="Prompt (motion and scene)", max_length=service.max_prompt_chars,
+                                    placeholder="a person turns slowly, studio light", elem_id="prompt")
+                with gr.Row():
+                    chunks = gr.Slider(1, service.max_chunks, value=min(DEFAULT_CHUNKS, service.max_chunks), step=1,
+                                       label=f"Length in chunks ({service.chunk_seconds:g} s each)", elem_id="chunks")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(min_width=300):
+                video = gr.Video(label="Try-on stream", streaming=True, autoplay=True, interactive=False,
+                                 elem_id="video")
+                status_line = gr.Markdown("Add a person and a garment, then press Generate.", elem_id="status-line")
+                status = gr.JSON(visible="hidden", elem_id="status")
+                chunk_file = gr.File(label="Latest chunk (mp4)", visible=False, elem_id="chunk-file")
+                gr.Markdown("**Wardrobe**: pick a garment or upload one, then switch while the video plays.")
+                with gr.Group():
+                    wardrobe = gr.Gallery([(str(g), garment_name(g)) for g in GARMENTS], show_label=False,
+                                          columns=len(GARMENTS), rows=1, height=WARDROBE_HEIGHT, object_fit="contain",
+                                          allow_preview=False, elem_id="wardrobe")
+                    next_garment = gr.Image(label="Next garment", type="filepath", elem_id="next-garment",
+                                               height=NEXT_GARMENT_HEIGHT)
+                    switch_button = gr.Button("Switch garment", elem_id="switch")
+        gr.Examples([[str(REFERENCE), str(g)] for g in GARMENTS], [reference, garment],
+                    label="Examples (run on the loaded model)")
+
+        generate_button.click(generate, [reference, garment, prompt, chunks, seed], [video, chunk_file, status],
+                              api_name="generate", concurrency_id="gpu", concurrency_limit=streams,
+                              preprocess=False, show_progress="minimal")
+        switch_button.click(switch_garment, [next_garment], [status], api_name="switch_garment",
+                            concurrency_id="control", concurrency_limit=None, preprocess=False, show_progress="hidden")
+        stop_button.click(stop, None, [status], api_name="stop", concurrency_id="control", concurrency_limit=None,
+                          show_progress="hidden")
+        wardrobe.select(pick_garment, None, [next_garment], queue=False, api_visibility="private",
+                        show_progress="hidden")
+        status.change(None, [status], [status_line], js=STATUS_LINE_JS, api_visibility="private")
+        demo.unload(close_session)
+    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=None)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's calls to itself at start-up
+    try:
+        service = StreamService.load(os.environ.get(PRESET_ENV, DEFAULT_PRESET), os.environ.get(CHECKPOINT_ENV),
+                                     pacing=float(os.environ.get(PACING_ENV, "1")))
+    except UserInputError as error:
+        raise SystemExit(f"error: {error}") from None
+    demo = build_demo(service, streams=int(os.environ.get(STREAMS_ENV, DEFAULT_STREAMS)))
+    try:
+        demo.launch(**LAUNCH_OPTIONS)
+    finally:
+        service.shutdown()
+
+
+if __name__ == "__main__":
+    main()

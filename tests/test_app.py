@@ -1,0 +1,281 @@
+"""The Gradio app on localhost, driven through gradio_client as a program would use the Space.
+
+The tiny preset on CPU, paced to real time (a 12-frame chunk every 0.5 s), so streams behave as for a viewer.
+"""
+
+import asyncio
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from fashionchameleon import media
+from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STREAMING, SWITCHING, StreamService
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = str(app.REFERENCE)
+GARMENT, NEXT_GARMENT = (str(p) for p in app.GARMENTS[:2])
+#: Streams long enough to act on mid-way, short enough to keep the suite quick (0.5 s of video per chunk).
+MID_STREAM = 10
+#: Chunks the producer may have made beyond the last one Gradio took: the queue, plus one being made.
+CHUNKS_AHEAD = QUEUE_CHUNKS + 1
+#: Seconds to wait for a server or a stream (generous: CI machines are slow).
+PATIENCE = 60
+#: A cancelled or disconnected stream must be gone this soon (it would otherwise run for 20 s).
+LEAVE_SECONDS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    service = StreamService.load("tiny", root=tmp_path_factory.mktemp("streams"))
+    demo = app.build_demo(service)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            **app.LAUNCH_OPTIONS)
+    yield url, service
+    demo.close()
+    service.shutdown()
+
+
+@pytest.fixture
+def connect(server, tmp_path):
+    """Open clients (one per session); `files=True` downloads the per-chunk mp4s into tmp_path."""
+    url, _ = server
+    clients = []
+
+    def open_client(files: bool = False) -> Client:
+        client = Client(url, verbose=False, download_files=str(tmp_path) if files else False)
+        clients.append(client)
+        return client
+
+    yield open_client
+    with ThreadPoolExecutor() as pool:  # each close waits about a second for its heartbeat thread
+        list(pool.map(Client.close, clients))
+
+
+def generate(client: Client, garment: str | None = GARMENT, chunks: int = 3, *, reference: str | None = REFERENCE,
+             prompt: str = "", seed: int = 0):
+    return client.submit(handle_file(reference) if reference else None, handle_file(garment) if garment else None,
+                         prompt, chunks, seed, api_name="/generate")
+
+
+def statuses(job) -> list[dict]:
+    return [status for _, _, status in job.outputs()]
+
+
+def wait_for_chunk(job, index: int) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while len(job.outputs()) <= index:
+        assert not job.done(), f"stream ended early: {statuses(job)}"
+        assert time.monotonic() < deadline, "timed out waiting for a chunk"
+        time.sleep(0.01)
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_api_names_and_parameters(connect):
+    endpoints = connect().view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/generate", "/switch_garment", "/stop"}
+    assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == [
+        "reference", "garment", "prompt", "chunks", "seed"]
+    assert len(endpoints["/generate"]["returns"]) == 3  # video, chunk mp4, status
+    assert [p["parameter_name"] for p in endpoints["/switch_garment"]["parameters"]] == ["garment"]
+    assert endpoints["/stop"]["parameters"] == []
+
+
+def test_stream_yields_requested_chunks_as_h264(connect, server):
+    _, service = server
+    chunks = 3
+    outputs = generate(connect(files=True), chunks=chunks)
+    outputs.result(timeout=PATIENCE)
+    outputs = outputs.outputs()
+    assert len(outputs) == chunks
+    config = service.preset.stream
+    for i, (_, chunk_file, status) in enumerate(outputs):
+        info = media.probe_video(chunk_file)
+        frames = 9 if i == 0 else 12
+        assert (info.codec, info.frames, info.width, info.height) == ("h264", frames, config.width, config.height)
+        assert info.fps == pytest.approx(config.fps)
+        assert (status["chunk"], status["frames"], status["garment_version"]) == (i, frames, 0)
+        assert status["state"] == (DONE if i == chunks - 1 else STREAMING)
+
+
+def test_switch_mid_stream_bumps_garment_version_at_next_chunk(connect):
+    client = connect()
+    job = generate(client, chunks=MID_STREAM)
+    wait_for_chunk(job, 2)
+    reply = client.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+    assert reply["state"] == SWITCHING and reply["garment_version"] == 0
+    job.result(timeout=PATIENCE)
+    versions = [s["garment_version"] for s in statuses(job)]
+    assert len(versions) == MID_STREAM
+    first_new = versions.index(1)
+    # reply["chunk"] is the last chunk handed to Gradio; chunks already made after it and the one being made when
+    # the switch came keep the old garment, the next one has the new garment.
+    assert reply["chunk"] < first_new <= reply["chunk"] + CHUNKS_AHEAD + 1
+    assert versions == [0] * first_new + [1] * (MID_STREAM - first_new)
+
+
+def test_stop_ends_stream_within_one_chunk(connect):
+    client = connect()
+    job = generate(client, chunks=MID_STREAM * 4)
+    wait_for_chunk(job, 1)
+    reply = client.predict(api_name="/stop")
+    job.result(timeout=PATIENCE)
+    last = statuses(job)[-1]["chunk"]
+    assert last <= reply["chunk"] + CHUNKS_AHEAD  # chunks already made and the one in flight, then nothing
+    assert client.predict(api_name="/stop") == {"state": "idle"}  # nothing left to stop
+
+
+def test_two_clients_never_see_each_others_switches(connect):
+    first, second = connect(), connect()
+    first_job, second_job = generate(first, chunks=MID_STREAM), generate(second, chunks=MID_STREAM)
+    wait_for_chunk(first_job, 2)
+    wait_for_chunk(second_job, 0)
+    first.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+    first_job.result(timeout=PATIENCE)
+    second_job.result(timeout=PATIENCE)
+    assert statuses(first_job)[-1]["garment_version"] == 1
+    assert [s["garment_version"] for s in statuses(second_job)] == [0] * MID_STREAM
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG header claiming `width` x `height`, with almost no pixel data: a decompression bomb's shape."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    valid = Path(GARMENT).read_bytes()
+    files = {
+        "text.png": b"this is a text file, not an image",
+        "truncated.png": valid[: len(valid) // 3],
+        "bomb.png": _png_header(30_000, 30_000),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    Image.new("RGB", (8, 8), "red").save(folder / "tiny.png")
+    rgb = Image.open(GARMENT).convert("RGB")
+    half_transparent = rgb.convert("RGBA")
+    half_transparent.putalpha(Image.fromarray(np.full(rgb.size[::-1], 128, np.uint8)))
+    half_transparent.save(folder / "rgba.png")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    return {path.name: str(path) for path in folder.iterdir()}
+
+
+def messages(job) -> list[str]:
+    """The gr.Info / gr.Warning messages a finished job received."""
+    async def collect() -> list[str]:
+        return [update.log[0] async for update in job if getattr(update, "log", None)]
+    return asyncio.run(collect())
+
+
+def test_bad_inputs_get_messages_while_another_stream_carries_on(connect, server, bad_files):
+    _, service = server
+    bystander_client = connect()
+    bystander = generate(bystander_client, chunks=MID_STREAM * 8)  # 40 s: stopped below, once the checks are done
+    wait_for_chunk(bystander, 0)
+    client = connect()
+    refused = [
+        (dict(garment=bad_files["text.png"]), "not a readable image"),
+        (dict(garment=bad_files["truncated.png"]), "corrupt or truncated"),
+        (dict(reference=bad_files["bomb.png"]), "too large"),
+        (dict(garment=bad_files["tiny.png"]), "too small"),
+        (dict(reference=None), "Add a reference photo"),
+        (dict(garment=None), "Add a garment photo"),
+        (dict(prompt="walk " * service.max_prompt_chars), "prompt is .* characters long"),
+        (dict(chunks=service.max_chunks + 1), "Length must be a whole number"),
+        (dict(seed=-1), "Seed must be a whole number"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(AppError, match=message):
+            generate(client, **kwargs).result(timeout=PATIENCE)
+    with pytest.raises(AppError, match="No stream is running"):
+        client.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict(handle_file(bad_files["text.png"]), api_name="/switch_garment")
+    converted = [("rgba.png", "has transparency"), ("grey.png", "is greyscale"), ("cmyk.jpg", "is CMYK")]
+    for name, message in converted:
+        job = generate(client, garment=bad_files[name], chunks=1)
+        assert any(message in text for text in messages(job)), name
+        assert [s["chunk"] for s in statuses(job)] == [0], name
+    assert not bystander.done(), "the bystander's stream ended while the bad inputs were sent"
+    bystander_client.predict(api_name="/stop")
+    bystander.result(timeout=PATIENCE)
+    seen = statuses(bystander)
+    assert [s["chunk"] for s in seen] == list(range(len(seen))) and len(seen) > MID_STREAM
+
+
+def test_cancel_and_disconnect_clean_up_without_stalling_others(connect, server, monkeypatch):
+    _, service = server
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")  # notice the leaver's disconnect quickly
+    bystander = generate(connect(), chunks=MID_STREAM)
+    probe, leaver = connect(), connect()
+    long_stream = MID_STREAM * 4  # 20 s of video: only a cancel or a disconnect ends it within the test
+    job = generate(leaver, chunks=long_stream)
+    wait_for_chunk(job, 1)
+    job.cancel()
+    started = time.monotonic()
+    assert probe.predict(api_name="/stop") == {"state": "idle"}  # the server answers others meanwhile
+    assert time.monotonic() - started < LEAVE_SECONDS
+    wait_for_chunk(generate(leaver, chunks=long_stream), 0)
+    leaver.close()  # the heartbeat ends: Gradio closes the stream and runs unload
+    left = time.monotonic()
+    wait_until(lambda: service.active_sessions() <= 1, "the leaver's stream to end")
+    assert time.monotonic() - left < LEAVE_SECONDS
+    bystander.result(timeout=PATIENCE)
+    assert [s["chunk"] for s in statuses(bystander)] == list(range(MID_STREAM))
+    wait_until(lambda: service.active_sessions() == 0, "all streams to end")
+    wait_until(lambda: not os.listdir(service.chunk_root), "chunk folders to be deleted")
+    assert os.listdir(service.mailbox.root) == []
+
+
+def test_python_app_serves_the_page(tmp_path):
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), app.PRESET_ENV: "tiny", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = (tmp_path / "app.log").open("w")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            assert process.poll() is None, (tmp_path / "app.log").read_text()
+            assert time.monotonic() < deadline, "app.py did not start serving"
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert page.status_code == 200
+        config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=5).text
+        assert "`tiny`" in config and "noise by design" in config
+    finally:
+        process.terminate()
+        process.wait(PATIENCE)

@@ -1,0 +1,233 @@
+"""The serving layer without Gradio: the file mailbox, pacing, and a stream whose producer runs in a forked
+process the way ZeroGPU runs `spaces.GPU` functions (fork context, arguments and yields pickled)."""
+
+import json
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fashionchameleon import media
+from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STOP, STOPPED, STREAMING, SWITCH, ChunkReady, Mailbox, Message
+from fashionchameleon.serving import Pacer, StreamService
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+REFERENCE = str(ASSETS / "reference.png")
+GARMENT, NEXT_GARMENT = (str(p) for p in sorted(ASSETS.glob("garment_*.png"))[:2])
+#: Long enough that only a stop can end the stream within the test (about 20 s of paced video).
+LONG_STREAM = 40
+#: Seconds to wait for anything the test expects (generous: CI machines are slow).
+PATIENCE = 60
+
+
+# -- mailbox -------------------------------------------------------------------------------------------------------
+def test_mailbox_delivers_in_order_once(tmp_path):
+    box = Mailbox(tmp_path)
+    box.open("s")
+    box.post("s", Message(SWITCH, garment="a.png"))
+    box.post("s", Message(SWITCH, garment="b.png"))
+    box.post("s", Message(STOP))
+    (tmp_path / "s" / ".half-written.json.part").write_text("{")  # a writer mid-rename is never read
+    assert box.drain("s") == [Message(SWITCH, "a.png"), Message(SWITCH, "b.png"), Message(STOP)]
+    assert box.drain("s") == []
+
+
+def test_removed_mailbox_refuses_posts(tmp_path):
+    box = Mailbox(tmp_path)
+    box.open("s")
+    box.remove("s")
+    assert not box.exists("s")
+    assert box.drain("s") == []
+    with pytest.raises(FileNotFoundError):
+        box.post("s", Message(STOP))
+
+
+# -- pacing --------------------------------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pacer_keeps_production_one_lead_ahead_of_playback():
+    clock = FakeClock()
+    pacer = Pacer(fps=24, speed=1.0, lead=1.0, clock=clock)
+    assert pacer.delay() == 0.0  # nothing produced: start at once
+    pacer.produced(48)  # 2 s of video, produced at t = 100
+    assert pacer.delay() == pytest.approx(1.0)  # wait until only 1 s is left to play
+    clock.now += 0.25
+    assert pacer.delay() == pytest.approx(0.75)
+    clock.now += 5
+    assert pacer.delay() == 0.0  # behind real time: never wait
+
+
+def test_pacer_speed_scales_and_zero_disables():
+    fast, off = Pacer(24, speed=2.0, lead=1.0, clock=FakeClock()), Pacer(24, speed=0, lead=1.0, clock=FakeClock())
+    for pacer in (fast, off):
+        pacer.produced(72)  # 3 s of video
+    assert fast.delay() == pytest.approx(1.0)  # (3 - 1) s of video at 2x
+    assert off.delay() == 0.0
+
+
+# -- the producer in a forked worker -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    # CPU even on a GPU machine: CUDA cannot be used in a forked child once the parent has touched it (on ZeroGPU
+    # the server process never does; spaces fakes CUDA there).
+    service = StreamService.load("tiny", device="cpu", root=tmp_path_factory.mktemp("serving"))
+    yield service
+    service.shutdown()
+
+
+def _worker(service: StreamService, args_queue, results) -> None:
+    """The forked side: arguments arrive pickled, every yield leaves pickled (as in spaces.zero.wrappers)."""
+    args = args_queue.get()
+    for ready in service.produce(*args):
+        results.put(ready)
+    results.put(getattr(service, "set_after_fork", None))  # negative control: parent memory is not shared
+
+
+class ForkedProducer:
+    """Stands in for `spaces.GPU(service.produce)` on ZeroGPU: each call forks a worker."""
+
+    def __init__(self, service: StreamService) -> None:
+        self.service = service
+        self.context = multiprocessing.get_context("fork")
+        self.after_fork_value = "missing"
+
+    def __call__(self, *args):
+        args_queue, results = self.context.SimpleQueue(), self.context.SimpleQueue()
+        process = self.context.Process(target=_worker, args=(self.service, args_queue, results), daemon=True)
+        process.start()
+        self.service.set_after_fork = True  # visible to the parent only
+        args_queue.put(args)
+        try:
+            while isinstance(item := results.get(), ChunkReady):
+                yield item
+            self.after_fork_value = item
+        finally:
+            process.join(PATIENCE)
+            del self.service.set_after_fork
+        assert process.exitcode == 0
+
+
+def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
+    producer = ForkedProducer(service)
+    seen: list[dict] = []
+    session = "forked-session"
+    stream = service.stream(session, REFERENCE, GARMENT, "", LONG_STREAM, 0, producer=producer)
+    consumer = threading.Thread(target=lambda: seen.extend(status for _, status in stream), daemon=True)
+    consumer.start()
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; got {seen}"
+            time.sleep(0.01)
+
+    wait_for(lambda: len(seen) >= 2, "two chunks")
+    switched_after = service.switch(session, NEXT_GARMENT)["chunk"]
+    wait_for(lambda: seen[-1]["garment_version"] == 1, "the switch")
+    first_new = next(s["chunk"] for s in seen if s["garment_version"] == 1)
+    # Chunks made after the last one handed over (the queue, plus one) and the one being made when the switch
+    # came keep the old garment; the next has the new one.
+    assert switched_after < first_new <= switched_after + QUEUE_CHUNKS + 2
+    assert all(s["garment_version"] == (1 if s["chunk"] >= first_new else 0) for s in seen)
+
+    stopped_after = service.stop(session)["chunk"]
+    consumer.join(PATIENCE)
+    assert not consumer.is_alive()
+    # Ends within the chunk in flight (marked STOPPED if the stop came while it was being made).
+    assert seen[-1]["chunk"] <= stopped_after + QUEUE_CHUNKS + 1 < LONG_STREAM
+    assert all(s["state"] == STREAMING for s in seen[:-1]) and seen[-1]["state"] in (STREAMING, STOPPED)
+    assert [s["chunk"] for s in seen] == list(range(len(seen)))
+    assert producer.after_fork_value is None, "the worker saw parent memory written after the fork"
+    assert service.active_sessions() == 0
+    assert os.listdir(service.chunk_root) == [] and os.listdir(service.mailbox.root) == []
+
+
+def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
+    stream = service.stream("plain-session", REFERENCE, GARMENT, "", 2, 0)
+    path, status = next(stream)
+    info = media.probe_video(path)
+    assert (info.codec, info.frames, info.width, info.height) == ("h264", 9, 64, 96)
+    ready = ChunkReady(path, 0, 9, 0, 10.0, DONE)
+    assert pickle.loads(pickle.dumps(ready)) == ready
+    stream.close()  # leaving early: the producer ends and the folder goes
+    deadline = time.monotonic() + PATIENCE
+    while os.listdir(service.chunk_root) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.listdir(service.chunk_root) == []
+
+
+# -- the real spaces.GPU wrapper, with only the ZeroGPU scheduler and torch patching stubbed --------------------------
+SIMULATED_ZEROGPU = r'''
+import json, os, sys, time, types
+os.environ.update(SPACES_ZERO_GPU="true", SPACES_ZERO_DEVICE_API_URL="http://127.0.0.1:9")
+torch_patching = types.ModuleType("spaces.zero.torch")  # CPU torch cannot be patched for CUDA
+for name in ["enter_mode", "patch", "unpatch", "init", "move"]:
+    setattr(torch_patching, name, lambda *args, **kwargs: None)
+torch_patching.pack = torch_patching.size = lambda *args, **kwargs: 0
+torch_patching.is_in_bad_fork = lambda *args, **kwargs: False
+sys.modules["spaces.zero.torch"] = torch_patching
+import spaces
+from spaces.zero import client
+requested = []
+client.schedule = lambda **kwargs: requested.append(kwargs["duration"].total_seconds()) or types.SimpleNamespace(
+    allowToken="token", nvidiaIndex=0, nvidiaUUID="gpu", idle=False)
+client.release = client.startup_report = client.allow = lambda *args, **kwargs: None
+
+import app
+from fashionchameleon.serving import StreamService
+from gradio_client import Client, handle_file
+
+service = StreamService.load("tiny", device="cpu")
+demo = app.build_demo(service)
+_, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)
+connection = Client(url, verbose=False, download_files=False)
+job = connection.submit(handle_file(str(app.REFERENCE)), handle_file(str(app.GARMENTS[0])), "", {chunks}, 0,
+                        api_name="/generate")
+result = {"statuses": [], "threads_in_server": 0}
+for i, (_, _, status) in enumerate(job):
+    result["statuses"].append(status)
+    result["threads_in_server"] = max(result["threads_in_server"], len(service._threads))
+    if i == 3:
+        reply = connection.predict(handle_file(str(app.GARMENTS[1])), api_name="/switch_garment")
+        result["switched_after"] = reply["chunk"]
+    if i == 8:
+        result["stopped_after"] = connection.predict(api_name="/stop")["chunk"]
+time.sleep(1)
+result["left_over"] = os.listdir(service.chunk_root) + os.listdir(service.mailbox.root)
+result["requested_seconds"] = requested
+connection.close()
+demo.close()
+service.shutdown()
+print("RESULT " + json.dumps(result))
+'''
+
+
+def test_real_spaces_wrapper_in_simulated_zerogpu(service):
+    """`spaces.GPU` as on ZeroGPU (reference/gradio-streaming.md §3.2): the app's producer runs in the forked
+    worker that spaces makes, arguments and yields go through its pipes, and its stop logic is live."""
+    root = Path(__file__).resolve().parent.parent
+    script = SIMULATED_ZEROGPU.replace("{chunks}", str(LONG_STREAM))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          timeout=PATIENCE * 2, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    seen = result["statuses"]
+    assert result["threads_in_server"] == 0, "the engine ran in the server process, not in the spaces worker"
+    first_new = next(s["chunk"] for s in seen if s["garment_version"] == 1)
+    assert result["switched_after"] < first_new <= result["switched_after"] + QUEUE_CHUNKS + 2
+    assert seen[-1]["chunk"] <= result["stopped_after"] + QUEUE_CHUNKS + 1 < LONG_STREAM
+    assert result["left_over"] == []
+    assert result["requested_seconds"] == [service.gpu_duration("", REFERENCE, GARMENT, "", 0, LONG_STREAM)]
