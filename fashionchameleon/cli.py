@@ -1,4 +1,4 @@
-"""`python -m fashionchameleon generate|bench|convert`: thin wrappers over the engine.
+"""`python -m fashionchameleon generate|bench|convert|train`: thin wrappers over the engine and the trainer.
 
 Bad user input ends with one line on stderr and exit code 2, never a traceback.
 """
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--input", required=True)
     conv.add_argument("--output", required=True)
     conv.add_argument("--preset", default="wan22-ti2v-5b", help="whose transformer config the weights have")
+
+    from .training.config import STAGES
+
+    train = sub.add_parser("train", help="train a stage (many GPUs: accelerate launch -m fashionchameleon train ...)")
+    train.add_argument("stage", choices=list(STAGES), help="teacher (stage 1), forcing (stage 2), dmd (stage 3)")
+    train.add_argument("--config", required=True, help="YAML/JSON config (see configs/)")
     return parser
 
 
@@ -152,11 +158,19 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    folder = Trainer(load_config(args.config, args.stage)).train()
+    logger.info("trained %s: %s", args.stage, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert}[args.command](args)
+        {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert, "train": cmd_train}[args.command](args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The streaming engine: joint prefill, the chunk loop, and garment switching by KV-cache rescheduling.
 
-One `StreamingEngine` per loaded model; one `Stream` per user stream. The chunk loop (`Stream.__next__`)
-is the only one in the project: the CLI, `bench` and the app all iterate a `Stream`.
+One `StreamingEngine` per loaded model; one `Stream` per user stream. The chunk loop (`Stream.next_latents`)
+is the only one in the project: the CLI, `bench` and the app iterate a `Stream`, and training's self-forcing
+rollout (`Stream.rollout`) runs the same loop on a stream opened with `start_from_latents`.
 
 Per chunk (METHOD.md §3.5-3.6): fresh noise -> for each warped step predict x0 and re-noise with fresh noise
 (read-only on the cache) -> a commit pass at t = 0 writes the chunk's K/V (SINK for the first chunk after a
@@ -114,6 +115,30 @@ class StreamingEngine:
         """Open a stream of `chunks` chunks (None: until `stop()`). Inputs are validated before any compute."""
         return Stream(self, media.load_image(reference), media.load_image(garment), prompt, seed, chunks)
 
+    def start_from_latents(
+        self,
+        reference_latent: torch.Tensor,
+        garment_latent: torch.Tensor,
+        text_embeds: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        model: torch.nn.Module | None = None,
+        exit_step: int | None = None,
+        context_noise: float = 0.0,
+    ) -> "Stream":
+        """A stream over already encoded inputs, for the self-forcing rollout of training (METHOD.md §3.7).
+
+        `reference_latent`/`garment_latent` [B, C, 1, h, w], `text_embeds` [B, text_len, text_dim] (UMT5 output;
+        passed to every forward so that gradients reach the text embedder and FSDP sees only root forwards).
+        `model` is the callable that runs the transformer (an accelerate/FSDP wrapper of `pipe.transformer`).
+        `exit_step` stops every chunk's denoising at that step, with gradient at that step only; `context_noise`
+        re-noises each chunk to that sigma before its commit pass (the authors' training pipeline: ~0.005).
+        """
+        if exit_step is not None and not 0 <= exit_step < len(self.sigmas):
+            raise ValueError(f"exit_step must be in [0, {len(self.sigmas) - 1}], got {exit_step}")
+        return Stream._from_latents(self, reference_latent, garment_latent, text_embeds, generator, model=model,
+                                    exit_step=exit_step, context_noise=context_noise)
+
     # -- images <-> latents -----------------------------------------------------------------------------
     def encode_reference(self, image: Image.Image) -> torch.Tensor:
         """Reference photo: cover + centre crop to the stream size, one latent frame."""
@@ -143,6 +168,37 @@ class Stream:
         seed: int,
         chunks: int | None,
     ) -> None:
+        self.prompt, self.removed_words = filter_garment_words(prompt)
+        with torch.no_grad():
+            text_kv = engine.pipe.encode_text_kv(self.prompt, engine.config.max_text_tokens)
+            reference_latent = engine.encode_reference(reference)
+            garment_latent = engine.encode_garment(garment)
+        self._setup(engine, reference_latent, garment_latent, torch.Generator(device=engine.device).manual_seed(seed),
+                    chunks, text_kv=text_kv)
+
+    @classmethod
+    def _from_latents(cls, engine, reference_latent, garment_latent, text_embeds, generator, *, model, exit_step,
+                      context_noise) -> "Stream":
+        stream = cls.__new__(cls)
+        stream.prompt, stream.removed_words = None, []
+        stream._setup(engine, reference_latent, garment_latent, generator, None, text_embeds=text_embeds,
+                      model=model, exit_step=exit_step, context_noise=context_noise)
+        return stream
+
+    def _setup(
+        self,
+        engine: StreamingEngine,
+        reference_latent: torch.Tensor,
+        garment_latent: torch.Tensor,
+        generator: torch.Generator,
+        chunks: int | None,
+        *,
+        text_kv: TextKV | None = None,
+        text_embeds: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
+        exit_step: int | None = None,
+        context_noise: float = 0.0,
+    ) -> None:
         self.engine = engine
         self.max_chunks = chunks
         self.chunk_index = 0
@@ -151,16 +207,15 @@ class Stream:
         self._lock = threading.Lock()
         self._pending: _SwitchRequest | None = None
         self._stopped = threading.Event()
-        self.generator = torch.Generator(device=engine.device).manual_seed(seed)
-        self.prompt, self.removed_words = filter_garment_words(prompt)
-        model = engine.pipe.transformer
-        config = engine.config
-        with torch.no_grad():
-            self.text_kv: TextKV = engine.pipe.encode_text_kv(self.prompt, config.max_text_tokens)
-            self.reference_latent = engine.encode_reference(reference)
-            self.garment_latent = engine.encode_garment(garment)
-        self.cache: KVCache = model.new_kv_cache(
-            1, engine.latent_height, engine.latent_width, policy=config.window, dtype=engine.dtype, device=engine.device
+        self.generator = generator
+        self.model = model or engine.pipe.transformer
+        self.text_kv, self.text_embeds = text_kv, text_embeds
+        self.exit_step, self.context_noise = exit_step, context_noise
+        self.reference_latent, self.garment_latent = reference_latent, garment_latent
+        self.batch_size = reference_latent.shape[0]
+        self.cache: KVCache = engine.pipe.transformer.new_kv_cache(
+            self.batch_size, engine.latent_height, engine.latent_width, policy=engine.config.window,
+            dtype=engine.dtype, device=engine.device,
         )
         self.decoder = engine.codec.stream_decoder()
         self.last_frame: np.ndarray | None = None
@@ -179,26 +234,50 @@ class Stream:
         self._forward(latents, 0.0, [REFERENCE_POSITION, GARMENT_POSITION], write=[KVSlot.REFERENCE, KVSlot.GARMENT],
                       read=())
 
-    @torch.no_grad()
     def denoise_chunk(self, positions: list[int]) -> torch.Tensor:
-        """The 4-step student: predict x0 at each warped step, re-noise with fresh noise to the next level."""
+        """The 4-step student: predict x0 at each warped step, re-noise with fresh noise to the next level.
+
+        A training stream (`exit_step` set) stops after that step; only that step's forward records gradients
+        (if the caller has them enabled), so the output carries the gradient of exactly one pass.
+        """
         engine = self.engine
-        shape = (1, engine.codec.latent_channels, len(positions), engine.latent_height, engine.latent_width)
+        shape = (self.batch_size, engine.codec.latent_channels, len(positions), engine.latent_height,
+                 engine.latent_width)
+        last = len(engine.sigmas) - 1 if self.exit_step is None else self.exit_step
+        grad = self.exit_step is not None and torch.is_grad_enabled()
         x = self._noise(shape)
-        x0 = x
-        for i, (sigma, t) in enumerate(zip(engine.sigmas, engine.timesteps)):
-            velocity = self._forward(x, t, positions)
-            x0 = x - sigma.to(x.dtype) * velocity  # flow matching: v = noise - x0
-            if i + 1 < len(engine.sigmas):
-                next_sigma = engine.sigmas[i + 1].to(x.dtype)
-                x = (1 - next_sigma) * x0 + next_sigma * self._noise(shape)
+        for i, (sigma, t) in enumerate(zip(engine.sigmas[: last + 1], engine.timesteps)):
+            with torch.set_grad_enabled(grad and i == last):
+                velocity = self._forward(x, t, positions)
+                x0 = x - sigma.to(x.dtype) * velocity  # flow matching: v = noise - x0
+            if i < last:
+                x = self._renoise(x0, engine.sigmas[i + 1])
         return x0
 
     @torch.no_grad()
     def commit_chunk(self, x0: torch.Tensor, positions: list[int]) -> None:
         """Clean re-run at t = 0 that stores the chunk's K/V: the sink after a prefill, history after that."""
         slot = KVSlot.SINK if self.cache.num_frames(KVSlot.SINK) == 0 else KVSlot.HISTORY
+        if self.context_noise:
+            x0 = self._renoise(x0, torch.tensor(self.context_noise))
         self._forward(x0, 0.0, positions, write=slot)
+
+    def next_latents(self) -> torch.Tensor:
+        """The next chunk in latent space [B, C, chunk_frames, h, w]: denoise, then commit its clean K/V."""
+        n = self.engine.config.chunk_frames
+        if self.next_position + n > self.engine.pipe.transformer.config.rope_max_seq_len:
+            self.reanchor()
+        positions = list(range(self.next_position, self.next_position + n))
+        self.cache.make_room(n)
+        x0 = self.denoise_chunk(positions)
+        self.commit_chunk(x0, positions)
+        self.next_position += n
+        return x0
+
+    def rollout(self, chunks: int) -> torch.Tensor:
+        """Self-forcing rollout (METHOD.md §3.7): `chunks` chunks generated on the model's own clean context,
+        concatenated [B, C, chunks * chunk_frames, h, w]. No gradient crosses chunks (the cache holds detached K/V)."""
+        return torch.cat([self.next_latents() for _ in range(chunks)], dim=2)
 
     # -- iteration --------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Chunk]:
@@ -209,19 +288,12 @@ class Stream:
             raise StopIteration
         timer = _Timer(self.engine.profile, self.engine.device)
         self._apply_pending_switch(timer)
-        n = self.engine.config.chunk_frames
-        if self.next_position + n > self.engine.pipe.transformer.config.rope_max_seq_len:
-            self.reanchor()
-        positions = list(range(self.next_position, self.next_position + n))
-        self.cache.make_room(n)
-        x0 = self.denoise_chunk(positions)
-        self.commit_chunk(x0, positions)
+        x0 = self.next_latents()
         timer.lap("transformer")
         with torch.no_grad():
             frames = media.tensor_to_frames(self.decoder.decode(x0))  # host copy: the one sync per chunk
         timer.lap("decode")
         chunk = Chunk(self.chunk_index, frames, self.garment_version, self.frames_out, x0, timer.laps)
-        self.next_position += n
         self.chunk_index += 1
         self.frames_out += len(frames)
         self.last_frame = frames[-1]
@@ -309,11 +381,11 @@ class Stream:
         write: KVSlot | list[KVSlot] | None = None,
         read: tuple[KVSlot, ...] | None = None,
     ) -> torch.Tensor:
-        model = self.engine.pipe.transformer
         timestep = embedding_timesteps(torch.as_tensor(t, device=latents.device).reshape(1).float())
+        timestep = timestep.expand(latents.shape[0])
         if self.engine.use_kv_cache:
-            return model(latents, timestep, frame_positions=positions, kv_cache=self.cache, cache_write=write,
-                         cache_read=read, text_kv=self.text_kv).sample
+            return self.model(latents, timestep, self.text_embeds, frame_positions=positions, kv_cache=self.cache,
+                              cache_write=write, cache_read=read, text_kv=self.text_kv).sample
         return self._forward_recompute(latents, timestep, positions, write, read)
 
     def _forward_recompute(self, latents, timestep, positions, write, read) -> torch.Tensor:
@@ -323,16 +395,17 @@ class Stream:
         saw when they were committed; outputs equal the cached path until the window starts evicting (then
         the cache holds K/V computed with frames that are no longer visible, which recompute cannot see).
         """
-        model = self.engine.pipe.transformer
         n = len(positions)
         self.cache.plan(positions, write=write, read=read)  # bookkeeping only: which frames stay visible
         context = [frame for slot in (tuple(KVSlot) if read is None else read) for frame in self._visible(slot)]
         frames = torch.cat([latent for latent, _, _ in context] + [latents], dim=2)
-        t = torch.cat([torch.zeros(len(context), device=latents.device), timestep.expand(n)])[None]
+        t = torch.cat([torch.zeros(len(context), device=latents.device), timestep[0].expand(n)])
+        t = t.expand(latents.shape[0], -1)
         ids = [group for _, _, group in context] + [self._group] * n
         mask = block_causal_mask(ids, self.cache.frame_tokens, device=latents.device)
         frame_positions = [pos for _, pos, _ in context] + positions
-        out = model(frames, t, frame_positions=frame_positions, attention_mask=mask, text_kv=self.text_kv)
+        out = self.model(frames, t, self.text_embeds, frame_positions=frame_positions, attention_mask=mask,
+                         text_kv=self.text_kv)
         if write is not None:
             for i, slot in enumerate([write] * n if isinstance(write, KVSlot) else write):
                 if slot in (KVSlot.REFERENCE, KVSlot.GARMENT):
@@ -345,6 +418,11 @@ class Stream:
         kept = self.cache.positions(slot)
         self._context[slot] = [frame for frame in self._context[slot] if frame[1] in kept]
         return self._context[slot]
+
+    def _renoise(self, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Fresh noise mixed in to level `sigma` (flow matching: x = (1 - sigma) x0 + sigma noise)."""
+        sigma = sigma.to(x0.dtype)
+        return (1 - sigma) * x0 + sigma * self._noise(x0.shape)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         engine = self.engine

@@ -337,3 +337,51 @@ def block_causal_mask(
     if recent_chunks is not None:
         mask &= (key <= 1) | (query - key <= recent_chunks)
     return mask
+
+
+def teacher_forcing_mask(
+    chunk_ids: Sequence[int] | torch.Tensor,
+    frame_tokens: int,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """[2L, 2L] bool mask of in-context teacher forcing (METHOD.md §3.2), True = may attend.
+
+    The sequence is [clean half ; noisy half], both holding the same frames. `chunk_ids` has one id per latent
+    frame of one half, as in `block_causal_mask`: 0 for the conditioning frames, 1, 2, ... for the video chunks.
+    Clean frames attend block-causally among clean frames; noisy conditioning frames only to each other (their
+    outputs are discarded); a noisy chunk attends to itself and to the clean conditioning frames and earlier chunks.
+    """
+    allowed = _teacher_forcing_rule(torch.as_tensor(chunk_ids, device=device).repeat_interleave(frame_tokens))
+    index = torch.arange(2 * len(chunk_ids) * frame_tokens, device=device)
+    return allowed(index[:, None], index[None, :])
+
+
+def teacher_forcing_block_mask(
+    chunk_ids: Sequence[int] | torch.Tensor,
+    frame_tokens: int,
+    *,
+    device: torch.device | str | None = None,
+):
+    """The same rule as `teacher_forcing_mask` as a FlexAttention `BlockMask` (sparse; for the `flex` backend)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    allowed = _teacher_forcing_rule(torch.as_tensor(chunk_ids, device=device).repeat_interleave(frame_tokens))
+    length = 2 * len(chunk_ids) * frame_tokens
+    return create_block_mask(lambda b, h, q, k: allowed(q, k), None, None, length, length, device=device)
+
+
+def _teacher_forcing_rule(ids: torch.Tensor):
+    """(query index, key index) -> may attend, for [clean ; noisy] halves whose tokens carry chunk `ids` [L]."""
+    half = ids.numel()
+
+    def allowed(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        query_noisy, key_noisy = query >= half, key >= half
+        query_id, key_id = ids[query % half], ids[key % half]
+        clean_to_clean = ~query_noisy & ~key_noisy & (query_id >= key_id)
+        noisy_to_clean = query_noisy & ~key_noisy & (query_id > key_id)
+        noisy_to_itself = query_noisy & key_noisy & (query_id == key_id)
+        return clean_to_clean | noisy_to_clean | noisy_to_itself
+
+    return allowed

@@ -1,0 +1,230 @@
+"""Training configs: one dataclass per stage, whose defaults are the paper's settings (METHOD.md §2-§5).
+
+A YAML or JSON file overrides only what differs (nanoGPT's habit): `configs/teacher_5b.yaml` spells the paper's
+5B run out in full, `configs/*_tiny.yaml` shrink it to a CPU run on the same code path. Where the authors' released
+configs differ from the paper (METHOD.md §10), the default follows the paper and the comment names the other value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from ..errors import UserInputError
+
+# The Wan2.x negative prompt; the unconditional branch of DMD's CFG uses it (METHOD.md §2.4), never "".
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the triplets are and how a sample becomes tensors (METHOD.md §2)."""
+
+    root: str = "data"  # dataset folder
+    layout: str = "authors"  # "authors": meta_train.csv + X_src.png / X_cloth.png beside X.mp4; "folder": ours
+    meta_file: str = "meta_train.csv"  # authors' layout: the CSV inside `root`
+    video_root: str | None = None  # base of relative `video` paths in the CSV (default: `root`)
+    caption_key: str = "en_long"  # prompt JSON key holding [dynamic, static]
+    mixed_captions: bool = False  # True: dynamic part only with `short_caption_prob`, else dynamic + static
+    short_caption_prob: float = 0.7
+    empty_prompt_prob: float = 0.0  # the teacher stage trains the unconditional branch with 0.1
+    height: int = 1280  # pixels: reference fit/crop, garment letterbox and video frames
+    width: int = 704
+    num_frames: int = 81  # first N frames of each clip, no resampling; 4k + 1
+    max_text_tokens: int = 512
+    latent_cache: str | None = None  # folder of pre-encoded VAE/UMT5 outputs (built on first use)
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """Which weights each network starts from."""
+
+    pipeline: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # diffusers folder/hub id, or a random preset ("tiny")
+    seed: int = 0  # weights seed of a random preset
+    init: str | None = None  # trained transformer weights (folder, .safetensors or model.pt); None: the pipeline's
+    teacher: str | None = None  # DMD: stage-1 weights for the frozen real score and the critic's start
+    gradient_checkpointing: bool = True
+    num_train_timesteps: int = 1000  # the flow-matching training table (METHOD.md §1)
+    timestep_shift: float = 5.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and a step-wise learning rate: linear warm-up, then constant with multiplicative drops."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: tuple[int, ...] = ()  # at each of these steps the lr is multiplied by `decay_factor`
+    decay_factor: float = 0.5
+
+    def lr_at(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return self.lr * warm * self.decay_factor ** sum(step >= s for s in self.decay_steps)
+
+
+@dataclass
+class RewardConfig:
+    """GR-DMD's reward (METHOD.md §4.1): "aesthetic" (CLIP ViT-L/14 + LAION MLP from local files), "tiny" (a
+    seeded stand-in of the same architecture, for tests) or "none" (uniform weights: plain DMD)."""
+
+    kind: str = "aesthetic"
+    clip: str | None = None  # local folder of openai/clip-vit-large-patch14 (model + preprocessor config)
+    head: str | None = None  # sac+logos+ava1-l14-linearMSE as .safetensors or .pth
+    temperature: float = 0.2  # chunk weights softmax(-score / temperature)
+
+
+@dataclass
+class TrainConfig:
+    """What every stage shares: the run, the data, the weights, the optimizer of the trained network."""
+
+    stage: ClassVar[str] = ""
+    output_dir: str = "runs/train"
+    seed: int = 0  # process k uses seed + k for noise and data; the shared exit step uses seed on every process
+    max_steps: int = 1000
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "no", "bf16", "fp16"
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    export_pipeline: bool = False  # also save a whole pipeline folder (what `--preset tiny --checkpoint` loads)
+    ema_decay: float = 0.0  # EMA of the trained network; 0 = none
+    ema_start_step: int = 0
+    loss_weighting: str = "wan"  # flow-matching loss weight over t: "wan" bell curve (METHOD.md §5) or "none"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, **dataclasses.asdict(self)}
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    """Stage 1, in-context teacher: bidirectional full fine-tune with flow matching (METHOD.md §5)."""
+
+    stage: ClassVar[str] = "teacher"
+    max_steps: int = 2300  # authors' config: 5000
+    data: DataConfig = field(default_factory=lambda: DataConfig(mixed_captions=True, empty_prompt_prob=0.1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-5, betas=(0.9, 0.999), grad_clip=1.0, warmup_steps=200, decay_steps=(1100,)))  # authors: warm-up 100
+
+
+@dataclass
+class ForcingConfig(TrainConfig):
+    """Stage 2, in-context teacher forcing: clean + noisy halves under the §3.2 mask, t per chunk."""
+
+    stage: ClassVar[str] = "forcing"
+    max_steps: int = 4000  # authors' config: 7000
+    chunk_frames: int = 3  # latent frames per chunk
+    attention: str = "mask"  # "mask": exact boolean mask (any device); "flex": FlexAttention BlockMask (GPU)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=(0.0, 0.999), grad_clip=10.0))
+
+
+@dataclass
+class DMDConfig(TrainConfig):
+    """Stage 3, gradient-reweighted DMD (METHOD.md §4): `optim` is the generator's, `critic_optim` the fake score's."""
+
+    stage: ClassVar[str] = "dmd"
+    max_steps: int = 400  # authors' config: 3000 (the paper's 400 may count generator updates; METHOD.md §11)
+    chunk_frames: int = 3
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)  # warped by the scheduler's shift
+    generator_every: int = 5  # the generator updates when step % generator_every == 0; the critic every step
+    guidance_scale: float = 3.0  # real score = cond + scale * (cond - uncond)
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    timestep_range: tuple[float, float] = (0.02, 0.98)  # DMD/critic t, as a fraction of the training steps
+    context_noise: float = 0.0  # sigma of the noise in the rollout's commit pass (authors' training: ~0.005)
+    ema_decay: float = 0.99
+    ema_start_step: int = 200
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-6, betas=(0.0, 0.999), grad_clip=10.0))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-7, betas=(0.0, 0.999),
+                                                                          grad_clip=10.0))
+
+
+STAGES: dict[str, type[TrainConfig]] = {c.stage: c for c in (TeacherConfig, ForcingConfig, DMDConfig)}
+
+
+def load_config(path: str | Path, stage: str) -> TrainConfig:
+    """Read a YAML/JSON file over the stage's defaults. A `stage:` key in the file must match `stage`."""
+    if stage not in STAGES:
+        raise UserInputError(f"unknown training stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        raise UserInputError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")
+    file_stage = raw.pop("stage", stage)
+    if file_stage != stage:
+        raise UserInputError(f"{path} is a {file_stage!r} config, not {stage!r}")
+    return config_from_dict(stage, raw)
+
+
+def config_from_dict(stage: str, values: dict[str, Any]) -> TrainConfig:
+    """The stage's config with `values` (nested dicts) applied; unknown keys and bad types are errors."""
+    return _build(STAGES[stage], values, "")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserInputError(f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(fields))}")
+    default = cls()
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserInputError(f"config key {prefix}{name} must be a mapping, got {value!r}")
+            merged = {**dataclasses.asdict(getattr(default, name)), **value}
+            kwargs[name] = _build(hint, merged, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{prefix}{name}")
+    return dataclasses.replace(default, **kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    """YAML gives lists for tuples and strings for some floats (`1e-5`); anything else must already fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin is tuple:
+            item = args[0]
+            return tuple(_coerce(item, v, name) for v in value)
+        if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if hint in (str, bool) and isinstance(value, hint):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise UserInputError(f"config key {name} must be {getattr(hint, '__name__', hint)}, got {value!r}")

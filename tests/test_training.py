@@ -1,0 +1,551 @@
+"""Training on the tiny preset (CPU, seconds): the teacher-forcing mask, GR-DMD's weights and loss, configs, data,
+and the three stages end to end (each lowers its loss on one fixed batch, a killed run resumes bit-exactly, the
+stage-3 student streams in the engine)."""
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fashionchameleon.cli import main as cli_main
+from fashionchameleon.engine import StreamingEngine
+from fashionchameleon.errors import UserInputError
+from fashionchameleon.models.causal_wan import (CausalWanTransformer3DModel, teacher_forcing_block_mask,
+                                                teacher_forcing_mask)
+from fashionchameleon.models.kv_cache import KVSlot, WindowPolicy
+from fashionchameleon.presets import TINY_TRANSFORMER, StreamConfig, build_tiny, get_preset, load_preset
+from fashionchameleon.training.config import STAGES, DataConfig, config_from_dict, load_config
+from fashionchameleon.training.data import (DrawSampler, LatentCache, TripletDataset, choose_caption, collate_triplets,
+                                            discover_triplets, load_pixels)
+from fashionchameleon.training.losses import Rngs, chunk_ids, gr_dmd_loss
+from fashionchameleon.training.reward import AestheticHead, chunk_weights, tiny_aesthetic_reward
+from fashionchameleon.training.toydata import write_toy_dataset
+from fashionchameleon.training.trainer import Trainer
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores two threads can spin for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the in-context teacher-forcing mask (METHOD.md §3.2) -----------------------------------------------------
+def test_teacher_forcing_mask_is_the_papers_toy_figure():
+    """The 8 x 8 toy of the paper's framework figure: 1-frame chunks, 2 video frames, one token per frame.
+    Order: clean src, gar, v1, v2, then noisy src, gar, v1, v2."""
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(teacher_forcing_mask(chunk_ids(2, 1), 1), expected)
+
+
+def test_teacher_forcing_mask_every_pair_follows_the_method_table():
+    """3 chunks of 2 frames, 3 tokens per frame: each token's allowed keys written out from the §3.2 table."""
+    chunk_frames, chunks, tokens = 2, 3, 3
+    frames = 2 + chunk_frames * chunks
+
+    def describe(token):  # -> (noisy?, kind, chunk index or None)
+        half, index = divmod(token, frames * tokens)
+        frame = index // tokens
+        return bool(half), ("cond" if frame < 2 else "video"), (None if frame < 2 else (frame - 2) // chunk_frames)
+
+    def allowed(query, key):
+        q_noisy, q_kind, q_chunk = describe(query)
+        k_noisy, k_kind, k_chunk = describe(key)
+        if not q_noisy and q_kind == "cond":  # clean src/gar: each other only
+            return not k_noisy and k_kind == "cond"
+        if not q_noisy:  # clean chunk j: clean src/gar and clean chunks 0..j
+            return not k_noisy and (k_kind == "cond" or k_chunk <= q_chunk)
+        if q_kind == "cond":  # noisy src/gar: only themselves
+            return k_noisy and k_kind == "cond"
+        if k_noisy:  # noisy chunk j: its own noisy chunk ...
+            return k_kind == "video" and k_chunk == q_chunk
+        return k_kind == "cond" or k_chunk < q_chunk  # ... and clean src/gar + clean chunks before j
+
+    length = 2 * frames * tokens
+    expected = torch.tensor([[allowed(q, k) for k in range(length)] for q in range(length)])
+    mask = teacher_forcing_mask(chunk_ids(chunk_frames * chunks, chunk_frames), tokens)
+    assert mask.shape == (length, length)
+    assert torch.equal(mask, expected)
+    block = teacher_forcing_block_mask(chunk_ids(chunk_frames * chunks, chunk_frames), tokens)
+    index = torch.arange(length)
+    assert torch.equal(block.mask_mod(None, None, index[:, None], index[None, :]), expected)
+
+
+def test_teacher_forcing_forward_equals_the_streaming_student(tiny_transformer):
+    """The noisy half under the §3.2 mask sees exactly what the streaming student sees: the output for noisy
+    chunk 1 equals a KV-cached stream (prefill, commit clean chunk 0 at t = 0, query chunk 1 read-only)."""
+    model, cf, h, w = tiny_transformer, 2, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    condition, clean, noisy = (torch.randn(1, 48, n, h, w, generator=gen) for n in (2, 2 * cf, 2 * cf))
+    text = torch.randn(1, 8, TINY_TRANSFORMER["text_dim"], generator=gen)
+    t_noisy = torch.tensor([[624.0] * cf + [832.0] * cf])
+    frames = 2 + 2 * cf
+    t = torch.cat([torch.zeros(1, frames + 2), t_noisy], dim=1)
+    tokens = model.tokens_per_frame(h, w)
+    with torch.no_grad():
+        full = model(torch.cat([condition, clean, condition, noisy], dim=2), t, text,
+                     frame_positions=list(range(frames)) * 2,
+                     attention_mask=teacher_forcing_mask(chunk_ids(2 * cf, cf), tokens)).sample
+        cache = model.new_kv_cache(1, h, w, policy=WindowPolicy(sink_frames=cf, history_frames=cf))
+        model(condition, torch.zeros(1), text, frame_positions=[0, 1], kv_cache=cache,
+              cache_write=[KVSlot.REFERENCE, KVSlot.GARMENT], cache_read=())
+        model(clean[:, :, :cf], torch.zeros(1), text, frame_positions=[2, 3], kv_cache=cache, cache_write=KVSlot.SINK)
+        chunk1 = model(noisy[:, :, cf:], t_noisy[:, cf:], text, frame_positions=[4, 5], kv_cache=cache).sample
+        cache.clear(KVSlot.SINK)  # negative control: without the clean context the chunk is different
+        alone = model(noisy[:, :, cf:], t_noisy[:, cf:], text, frame_positions=[4, 5], kv_cache=cache).sample
+    assert (full[:, :, -cf:] - chunk1).abs().max() < 1e-5
+    assert (alone - chunk1).abs().max() > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_forward_equals_boolean_mask(tiny_transformer):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    model = CausalWanTransformer3DModel(**TINY_TRANSFORMER)
+    model.load_state_dict(tiny_transformer.state_dict())
+    ids, tokens = chunk_ids(4, 2), model.tokens_per_frame(4, 2)
+    x = torch.randn(1, 48, 2 * len(ids), 4, 2, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 8, TINY_TRANSFORMER["text_dim"])
+    t = torch.full((1, 2 * len(ids)), 500.0)
+    positions = list(range(len(ids))) * 2
+    with torch.no_grad():
+        exact = model(x, t, text, frame_positions=positions, attention_mask=teacher_forcing_mask(ids, tokens)).sample
+        for block in model.blocks:
+            block.attn1.processor._attention_backend = AttentionBackendName.FLEX
+        flex = model(x, t, text, frame_positions=positions,
+                     attention_mask=teacher_forcing_block_mask(ids, tokens)).sample
+    assert (exact - flex).abs().max() < 1e-4
+
+
+# -- GR-DMD: chunk weights and the reweighted loss (METHOD.md §4.2-4.3) -------------------------------------------
+def weights_of(frame_scores, chunk_frames=2, temperature=0.2):
+    return chunk_weights(torch.as_tensor(frame_scores, dtype=torch.float32)[None], temporal_factor=4,
+                         chunk_frames=chunk_frames, temperature=temperature)[0]
+
+
+def test_gr_weights_sum_to_one_and_are_uniform_for_equal_scores():
+    scores = torch.rand(3, 1 + 4 * 5, generator=torch.Generator().manual_seed(0)) * 10  # 6 latents = 3 chunks
+    weights = chunk_weights(scores, temporal_factor=4, chunk_frames=2, temperature=0.2)
+    assert weights.shape == (3, 6)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(weights_of([5.0] * 21), torch.full((6,), 1 / 6, dtype=torch.float64))
+
+
+def test_gr_weights_favour_low_scoring_chunks_and_follow_the_frame_mapping():
+    # 6 latents: latent 0 <- pixel 0, latent f >= 1 <- pixels 4f-3 .. 4f; chunks {0, 1}, {2, 3}, {4, 5}.
+    frame_scores = [6.0] + [6.0] * 4 + [4.0] * 8 + [5.0] * 8
+    weights = weights_of(frame_scores)
+    assert weights[2] == weights[3] and weights[0] == weights[1]  # the unit is the chunk
+    assert weights[2] > weights[4] > weights[0]  # lower score, larger weight
+    expected = torch.softmax(-torch.tensor([6.0, 4.0, 5.0], dtype=torch.float64) / 0.2, dim=0)
+    torch.testing.assert_close(weights, expected.repeat_interleave(2) / 2)
+    # Latent 0 takes pixel frame 0 only: a bad first pixel frame lowers chunk 0's score.
+    assert weights_of([0.0] + frame_scores[1:])[0] > weights[0]
+    with pytest.raises(ValueError):
+        weights_of([1.0] * 20)  # not 1 + 4k pixel frames
+
+
+def test_gr_dmd_with_uniform_weights_is_plain_dmd():
+    gen = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 4, 6, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    gradient = torch.randn(2, 4, 6, 3, 2, generator=gen, dtype=torch.float64)
+    plain = 0.5 * F.mse_loss(video, (video - gradient).detach())
+    (plain_grad,) = torch.autograd.grad(plain, video)
+    equal_scores = torch.full((2, 1 + 4 * 5), 3.0)
+    uniform = gr_dmd_loss(video, gradient, chunk_weights(equal_scores, temporal_factor=4, chunk_frames=2,
+                                                         temperature=0.2))
+    (uniform_grad,) = torch.autograd.grad(uniform, video)
+    torch.testing.assert_close(uniform, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(uniform_grad, plain_grad, rtol=1e-12, atol=0)
+    # Frame f's gradient is A_f g_f / (C h w) / B; a non-uniform A moves it towards the heavy frames.
+    weights = torch.softmax(torch.randn(2, 6, generator=gen, dtype=torch.float64), dim=1)
+    (weighted_grad,) = torch.autograd.grad(gr_dmd_loss(video, gradient, weights), video)
+    torch.testing.assert_close(weighted_grad, weights[:, None, :, None, None] * gradient / (4 * 3 * 2) / 2)
+    assert (weighted_grad - plain_grad).abs().max() > 1e-3
+
+
+def test_self_forcing_rollout_has_gradient_at_the_exit_step_only():
+    """The rollout is the engine's chunk loop: a prefill, then per chunk the denoising steps up to the shared exit
+    step (only that forward records gradients) and a commit pass without gradients."""
+    pipe = build_tiny(seed=0)
+    engine = StreamingEngine(pipe, StreamConfig(height=64, width=32, chunk_frames=2, sink_frames=2,
+                                                history_frames=2, max_text_tokens=16))
+    gen = torch.Generator().manual_seed(0)
+    reference, garment = (torch.randn(1, 48, 1, 4, 2, generator=gen) for _ in range(2))
+    text = torch.randn(1, 16, TINY_TRANSFORMER["text_dim"], generator=gen)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return pipe.transformer(*args, **kwargs)
+
+    def rollout(exit_step, model=None):
+        stream = engine.start_from_latents(reference, garment, text, torch.Generator().manual_seed(1), model=model,
+                                           exit_step=exit_step)
+        return stream.rollout(2)
+
+    video = rollout(2, counting)
+    assert video.shape == (1, 48, 4, 4, 2) and video.requires_grad
+    assert calls == [False] + [False, False, True, False] * 2  # prefill; steps 0, 1, exit step 2, commit
+    video.sum().backward()
+    assert pipe.transformer.proj_out.weight.grad is not None
+    with torch.no_grad():
+        full, last = rollout(None), rollout(3)  # exiting at the last step is the whole 4-step schedule
+        early = rollout(1)
+    assert torch.equal(full, last) and (full - early).abs().max() > 1e-2
+
+
+def test_tiny_aesthetic_reward_scores_every_frame_and_loads_released_head_names(tmp_path):
+    reward = tiny_aesthetic_reward(seed=0)
+    frames = torch.rand(2, 3, 5, 48, 32) * 2 - 1
+    scores = reward(frames)
+    assert scores.shape == (2, 5) and torch.isfinite(scores).all()
+    assert torch.equal(reward(frames), scores)
+    # The released LAION head's parameter names: layers.0, 2, 4, 6 and 7.
+    names = {name.rsplit(".", 1)[0] for name in AestheticHead().state_dict()}
+    assert names == {"layers.0", "layers.2", "layers.4", "layers.6", "layers.7"}
+
+
+# -- configs --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    stage = path.name.split("_")[0]
+    config = load_config(path, stage)
+    assert config.stage == stage
+
+
+def test_5b_configs_hold_the_papers_hyperparameters():
+    teacher, forcing, dmd = (load_config(CONFIGS / f"{s}_5b.yaml", s) for s in ("teacher", "forcing", "dmd"))
+    assert (teacher.optim.lr, teacher.optim.warmup_steps, teacher.optim.decay_steps, teacher.max_steps) == \
+        (1e-5, 200, (1100,), 2300)
+    assert teacher.optim.lr_at(1099) == 1e-5 and teacher.optim.lr_at(1100) == 5e-6
+    assert (teacher.data.mixed_captions, teacher.data.empty_prompt_prob) == (True, 0.1)
+    assert (forcing.optim.lr, forcing.optim.betas, forcing.max_steps, forcing.data.mixed_captions) == \
+        (1e-6, (0.0, 0.999), 4000, False)
+    assert (dmd.optim.lr, dmd.critic_optim.lr, dmd.generator_every, dmd.guidance_scale, dmd.reward.temperature,
+            dmd.ema_decay, dmd.ema_start_step, dmd.data.mixed_captions) == (2e-6, 4e-7, 5, 3.0, 0.2, 0.99, 200, False)
+    for config in (teacher, forcing, dmd):
+        assert config.batch_size * config.grad_accum * 8 == 64  # the paper's global batch on 8 GPUs
+    for stage, cls in STAGES.items():  # the defaults in code are the same paper values
+        assert config_from_dict(stage, {}).optim == load_config(CONFIGS / f"{stage}_5b.yaml", stage).optim
+
+
+def test_config_errors_name_the_bad_value(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrate: 1.0\n")
+    with pytest.raises(UserInputError, match="optim.lrate"):
+        load_config(bad, "teacher")
+    bad.write_text("stage: dmd\n")
+    with pytest.raises(UserInputError, match="'dmd' config"):
+        load_config(bad, "teacher")
+    with pytest.raises(UserInputError, match="max_steps"):
+        config_from_dict("teacher", {"max_steps": "many"})
+    assert config_from_dict("teacher", {"optim": {"lr": "1e-4"}}).optim.lr == 1e-4  # YAML 1.1 reads 1e-4 as text
+
+
+def test_cli_train_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["train", "teacher", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  root: {tmp_path / 'nowhere'}\n")
+    assert cli_main(["train", "forcing", "--config", str(config)]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def tiny_data(root, **kw) -> DataConfig:
+    return DataConfig(root=str(root), height=64, width=32, num_frames=9, max_text_tokens=16, num_workers=0, **kw)
+
+
+@pytest.mark.parametrize("layout", ["authors", "folder"])
+def test_both_layouts_give_the_same_triplets(tmp_path, layout):
+    write_toy_dataset(tmp_path, layout=layout, clips=2, frames=9)
+    config = tiny_data(tmp_path, layout=layout)
+    triplets = discover_triplets(config)
+    assert [t.dynamic for t in triplets] == ["A person walks to the left.", "A person walks to the right."]
+    assert triplets[0].long_caption == "A person walks to the left. They stand in a grey studio."
+    item = TripletDataset(triplets, config, seed=0, load_video=True)[(0, 1)]
+    assert item["reference"].shape == (3, 64, 32) and item["garment"].shape == (3, 64, 32)
+    assert item["video"].shape == (3, 9, 64, 32)
+    assert item["video"].min() >= -1 and item["video"].max() <= 1
+    # The garment (wider than the frame) is letterboxed on white; the reference is cropped, never padded.
+    assert torch.all(item["garment"][:, 0] == 1.0) and not torch.all(item["reference"][:, 0] == 1.0)
+
+
+def test_broken_and_missing_samples_are_skipped_with_a_warning(tmp_path, caplog):
+    write_toy_dataset(tmp_path, layout="folder", clips=4, frames=9)
+    (tmp_path / "clip_000" / "reference.png").unlink()  # missing
+    (tmp_path / "clip_001" / "garment.png").write_bytes(b"not a png")  # unreadable
+    (tmp_path / "clip_002" / "video.mp4").write_bytes(b"\x00" * 100)  # not a video
+    (tmp_path / "clip_003" / "prompt.json").write_text("{")  # bad caption file
+    write_toy_dataset(tmp_path / "more", layout="folder", clips=1, frames=5)  # too short for 9 frames
+    config = tiny_data(tmp_path, layout="folder")
+    with caplog.at_level(logging.WARNING):
+        triplets = discover_triplets(config)
+    assert [t.id for t in triplets] == ["clip_001", "clip_002"]  # "more" has no prompt.json, 000/003 are incomplete
+    dataset = TripletDataset(triplets, config, seed=0, load_video=True)
+    with caplog.at_level(logging.WARNING):
+        batch = collate_triplets([dataset[(0, 0)], dataset[(1, 1)]])
+    assert batch["draws"] == [0, 1] and batch["prompts"] == [] and "reference" not in batch
+    assert "clip_001" in caplog.text and "clip_002" in caplog.text and "clip_000" in caplog.text
+    short = discover_triplets(tiny_data(tmp_path / "more", layout="folder"))
+    assert "prompt" not in TripletDataset(short, tiny_data(tmp_path / "more"), seed=0, load_video=True)[(0, 0)]
+    with pytest.raises(UserInputError, match="no usable"):
+        discover_triplets(tiny_data(tmp_path / "clip_000", layout="folder"))
+
+
+def test_caption_mixing_and_empty_prompts_follow_the_config(tmp_path):
+    write_toy_dataset(tmp_path, layout="authors", clips=1, frames=5)
+    (triplet,) = discover_triplets(tiny_data(tmp_path))
+    teacher = config_from_dict("teacher", {}).data
+    picks = [choose_caption(triplet, teacher, np.random.default_rng([0, draw])) for draw in range(4000)]
+    empty = picks.count("") / len(picks)
+    short = picks.count(triplet.dynamic) / len(picks)
+    assert abs(empty - 0.1) < 0.02 and abs(short - 0.9 * 0.7) < 0.03
+    assert set(picks) == {"", triplet.dynamic, triplet.long_caption}
+    forcing = config_from_dict("forcing", {}).data
+    assert {choose_caption(triplet, forcing, np.random.default_rng([0, d])) for d in range(200)} == \
+        {triplet.long_caption}
+
+
+def test_draw_sampler_resumes_anywhere_and_splits_processes():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    straight = take(DrawSampler(5, seed=3), 12)
+    assert take(DrawSampler(5, seed=3, first_draw=7), 5) == straight[7:]
+    assert sorted(i for _, i in straight[:5]) == list(range(5))  # each epoch is a permutation
+    ranks = [take(DrawSampler(5, seed=3, first_draw=r, world=2), 6) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == straight
+
+
+def test_latent_cache_equals_encoding_on_the_fly(tmp_path):
+    from fashionchameleon.models.text import PromptEncoder
+
+    write_toy_dataset(tmp_path / "data", layout="authors", clips=2, frames=9)
+    config = tiny_data(tmp_path / "data")
+    triplets = discover_triplets(config)
+    pipe = build_tiny(seed=0)
+    codec, encoder = pipe.codec, PromptEncoder(pipe.tokenizer, pipe.text_encoder, config.max_text_tokens)
+    cache = LatentCache(tmp_path / "cache", config)
+    cache.build(triplets, config, codec, encoder, LatentCache.prompts(triplets, ["", "negative"]), progress=False)
+    cached = TripletDataset(triplets, config, seed=0, load_video=True, cache=cache)[(5, 1)]
+    raw = TripletDataset(triplets, config, seed=0, load_video=True)[(5, 1)]
+    assert cached["prompt"] == raw["prompt"]
+    assert torch.equal(cached["reference_latent"], codec.encode_image(raw["reference"][None])[0])
+    assert torch.equal(cached["garment_latent"], codec.encode_image(raw["garment"][None])[0])
+    assert torch.equal(cached["video_latent"], codec.encode_video(raw["video"][None])[0])
+    assert torch.equal(cached["text"], encoder.encode(raw["prompt"])[0])
+    assert torch.equal(cache.load_text("negative"), encoder.encode("negative")[0])
+    with pytest.raises(UserInputError, match="built for"):
+        LatentCache(tmp_path / "cache", DataConfig(root=str(tmp_path), height=32, width=32, num_frames=9))
+    assert "video_latent" not in TripletDataset(triplets, config, seed=0, load_video=False, cache=cache)[(0, 0)]
+
+
+def test_load_pixels_fit_and_letterbox_like_the_engine(tmp_path):
+    from fashionchameleon import media
+
+    write_toy_dataset(tmp_path, layout="folder", clips=1, frames=5)
+    config = tiny_data(tmp_path, layout="folder")
+    (triplet,) = discover_triplets(config)
+    pixels = load_pixels(triplet, config, load_video=False)
+    expected = media.image_to_tensor(media.letterbox_garment(media.load_image(triplet.garment), 32, 64))
+    assert torch.equal(pixels["garment"], expected) and "video" not in pixels
+
+
+# -- the stages end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One toy clip (so every batch is the same batch) and the tiny preset's own transformer as a weights folder."""
+    root = tmp_path_factory.mktemp("training")
+    write_toy_dataset(root / "data", layout="folder", clips=1, frames=13)
+    build_tiny(seed=0).transformer.save_pretrained(root / "base")
+    return root
+
+
+def tiny(stage: str, workdir: Path, name: str, **values):
+    """A tiny CPU config of `stage` writing to workdir/name; `values` override it (nested dicts merge)."""
+    base = {
+        "output_dir": str(workdir / name), "max_steps": 40, "log_every": 1, "checkpoint_every": 1000,
+        "export_pipeline": True,
+        "data": {"root": str(workdir / "data"), "layout": "folder", "height": 64, "width": 32, "num_frames": 13,
+                 "max_text_tokens": 16, "num_workers": 0, "mixed_captions": False, "empty_prompt_prob": 0.0},
+        "model": {"pipeline": "tiny", "gradient_checkpointing": True},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "decay_steps": []},
+    }
+    if stage != "teacher":
+        base["chunk_frames"] = 2  # 4 latent frames = 2 chunks
+    for key, value in values.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(stage, base)
+
+
+def fixed_losses(trainer: Trainer, batch) -> dict[str, float]:
+    """Every trained network's loss on `batch` with fixed noise, timesteps and exit steps (4 draws, no grad)."""
+    out = {}
+    for network in trainer.stage.trained:
+        values = []
+        for seed in range(4):
+            rng = Rngs(torch.Generator().manual_seed(100 + seed), torch.Generator().manual_seed(200 + seed))
+            with torch.no_grad():
+                values.append(float(trainer.loss(network, batch, rng)[0]))
+        out[network] = sum(values) / len(values)
+    return out
+
+
+def overfit(config) -> tuple[dict[str, float], dict[str, float], Path]:
+    trainer = Trainer(config)
+    batch = trainer.next_batch()  # the dataset holds one clip: every batch is this batch
+    before = fixed_losses(trainer, batch)
+    exported = trainer.train()
+    return before, fixed_losses(trainer, batch), exported
+
+
+@pytest.fixture(scope="module")
+def teacher(workdir):
+    return overfit(tiny("teacher", workdir, "teacher", batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def forcing(workdir, teacher):
+    return overfit(tiny("forcing", workdir, "forcing", batch_size=4, model={"init": str(teacher[2])}))
+
+
+def dmd_config(workdir, name, forcing_export, teacher_export, **values):
+    """Generator from the tiny teacher-forcing run; real score and critic from the tiny teacher run."""
+    defaults = {"generator_every": 2, "ema_start_step": 1, "reward": {"kind": "tiny"},
+                "model": {"init": str(forcing_export), "teacher": str(teacher_export)},
+                "optim": {"lr": 1e-3}, "critic_optim": {"lr": 1e-3}}
+    return tiny("dmd", workdir, name, **{**defaults, **values})
+
+
+def test_teacher_overfits_one_batch(teacher):
+    before, after, exported = teacher
+    assert after["generator"] < 0.8 * before["generator"]
+    assert (exported / "config.json").is_file()
+
+
+def test_teacher_forcing_overfits_one_batch_from_the_teacher(forcing):
+    before, after, _ = forcing
+    assert after["generator"] < 0.95 * before["generator"]  # the teacher's init already fits this clip
+
+
+def test_gr_dmd_generator_lowers_its_dmd_loss_on_one_batch(workdir, teacher, forcing):
+    config = dmd_config(workdir, "dmd_generator", forcing[2], teacher[2], max_steps=8, generator_every=1)
+    before, after, _ = overfit(config)
+    assert after["generator"] < 0.8 * before["generator"]
+
+
+def test_gr_dmd_critic_learns_the_generators_samples(workdir, forcing):
+    """The fake score starts untrained and follows a frozen generator: its flow-matching loss falls."""
+    config = dmd_config(workdir, "dmd_critic", forcing[2], workdir / "base", max_steps=8, generator_every=1000,
+                        optim={"lr": 0.0}, critic_optim={"lr": 3e-3})
+    before, after, _ = overfit(config)
+    assert after["critic"] < 0.93 * before["critic"]
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]
+
+
+def weights(trainer: Trainer, network: str) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.networks[network].state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def dmd_runs(workdir, teacher, forcing):
+    """GR-DMD for 4 steps straight, and the same run killed during step 4 and resumed from its step-2 checkpoint."""
+    config = dmd_config(workdir, "straight", forcing[2], teacher[2], max_steps=4, checkpoint_every=2)
+    straight = Trainer(config)
+    straight.train()
+
+    killed_config = dmd_config(workdir, "killed", forcing[2], teacher[2], max_steps=4, checkpoint_every=2)
+    killed = Trainer(killed_config)
+    update = killed.update
+
+    def update_until_killed(network):
+        if killed.step == 3:
+            raise KeyboardInterrupt  # kill -9 would leave the same files: checkpoint 2, log rows 1-3
+        return update(network)
+
+    killed.update = update_until_killed
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    shutil.copytree(workdir / "killed", workdir / "reseeded")
+    resumed = Trainer(killed_config)
+    start = resumed.step
+    resumed.train()
+    return straight, resumed, start
+
+
+def test_kill_and_resume_continues_bit_exactly(workdir, dmd_runs, teacher, forcing):
+    straight, resumed, start = dmd_runs
+    assert start == 2 and resumed.step == straight.step == 4
+    for network in ("generator", "critic", "real_score"):
+        assert_same(weights(resumed, network), weights(straight, network))
+    assert_same(resumed.ema.shadow, straight.ema.shadow)
+    assert read_log(workdir / "killed" / "loss.csv") == read_log(workdir / "straight" / "loss.csv")
+    assert [row["step"] for row in read_log(workdir / "killed" / "loss.csv")] == ["1", "2", "3", "4"]
+    # Negative control: the same resume with this process's noise generator re-seeded is another run.
+    reseeded = Trainer(dmd_config(workdir, "reseeded", forcing[2], teacher[2], max_steps=4, checkpoint_every=2))
+    reseeded.rng.local.manual_seed(12345)
+    reseeded.train()
+    differences = [(a - b).abs().max() for a, b in zip(weights(reseeded, "generator").values(),
+                                                       weights(straight, "generator").values())]
+    assert max(differences) > 1e-6
+
+
+def test_stage3_student_loads_into_the_engine_and_streams(workdir, dmd_runs, forcing):
+    straight, _, _ = dmd_runs
+    # The exported transformer is the generator's EMA, not the initial (stage-2) weights.
+    exported = CausalWanTransformer3DModel.from_pretrained(workdir / "straight" / "transformer")
+    assert_same(exported.state_dict(), straight.ema.shadow)
+    initial = CausalWanTransformer3DModel.from_pretrained(forcing[2])
+    assert any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(), initial.state_dict().values()))
+
+    preset, pipe = load_preset("tiny", checkpoint=workdir / "straight" / "pipeline", device="cpu")
+    assert_same(pipe.transformer.state_dict(), straight.ema.shadow)
+    stream = StreamingEngine(pipe, preset.stream).start(ASSETS / "reference.png", ASSETS / "garment_blue_checks.png",
+                                                        "a person walks", seed=0, chunks=2)
+    chunks = list(stream)
+    assert [len(chunk.frames) for chunk in chunks] == [9, 12]
+    assert chunks[0].frames.shape[1:] == (get_preset("tiny").stream.height, get_preset("tiny").stream.width, 3)
+
+
+def test_latent_cache_run_reads_the_same_batches(workdir):
+    plain = Trainer(tiny("teacher", workdir, "plain_batches"))
+    building = Trainer(tiny("teacher", workdir, "cached_batches", data={"latent_cache": str(workdir / "cache")},
+                            export_pipeline=False))
+    cached = Trainer(tiny("teacher", workdir, "cached_batches", data={"latent_cache": str(workdir / "cache")},
+                          export_pipeline=False))
+    assert building.prompt_encoder is not None and cached.prompt_encoder is None  # built once, then UMT5 stays off
+    for _ in range(2):
+        a, b = plain.next_batch(), cached.next_batch()
+        assert torch.equal(a.condition, b.condition) and torch.equal(a.video, b.video) and torch.equal(a.text, b.text)
