@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserInputError
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--switch-every", type=int, default=0, help="switch garments every K chunks (0: never)")
     bench.add_argument("--baseline-chunks", type=_positive, default=10, help="chunks timed for the recompute baseline")
     bench.add_argument("--bidirectional-steps", type=_positive, help="teacher steps to time (scaled to all steps)")
+    bench.add_argument("--height", type=_positive, help="override the preset's frame height (pixels)")
+    bench.add_argument("--width", type=_positive, help="override the preset's frame width (pixels)")
     bench.add_argument("--json", help="write the results here")
 
     conv = sub.add_parser("convert", help="official model.pt -> diffusers transformer folder (safetensors)")
@@ -129,7 +132,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     reference = media.load_image(assets / "reference.png")
     garments = [media.load_image(p) for p in sorted(assets.glob("garment_*.png"))]
     preset, pipe, _ = _load(args)
-    result = run_bench(pipe, preset.stream, reference, garments, chunks=args.chunks, switch_every=args.switch_every,
+    sizes = {name: value for name, value in (("height", args.height), ("width", args.width)) if value}
+    result = run_bench(pipe, replace(preset.stream, **sizes), reference, garments, chunks=args.chunks,
+                       switch_every=args.switch_every,
                        baseline_chunks=args.baseline_chunks, bidirectional_steps=args.bidirectional_steps)
     result["preset"] = preset.name
     print(format_table(result))
