@@ -113,7 +113,14 @@ class StreamingEngine:
         chunks: int | None = None,
     ) -> "Stream":
         """Open a stream of `chunks` chunks (None: until `stop()`). Inputs are validated before any compute."""
-        return Stream(self, media.load_image(reference), media.load_image(garment), prompt, seed, chunks)
+        reference, garment = media.load_image(reference), media.load_image(garment)
+        prompt, removed = filter_garment_words(prompt)
+        with torch.no_grad():
+            text_kv = self.pipe.encode_text_kv(prompt, self.config.max_text_tokens)
+            reference_latent, garment_latent = self.encode_reference(reference), self.encode_garment(garment)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return Stream(self, reference_latent, garment_latent, generator, chunks, text_kv=text_kv, prompt=prompt,
+                      removed_words=removed)
 
     def start_from_latents(
         self,
@@ -136,8 +143,8 @@ class StreamingEngine:
         """
         if exit_step is not None and not 0 <= exit_step < len(self.sigmas):
             raise ValueError(f"exit_step must be in [0, {len(self.sigmas) - 1}], got {exit_step}")
-        return Stream._from_latents(self, reference_latent, garment_latent, text_embeds, generator, model=model,
-                                    exit_step=exit_step, context_noise=context_noise)
+        return Stream(self, reference_latent, garment_latent, generator, text_embeds=text_embeds, model=model,
+                      exit_step=exit_step, context_noise=context_noise)
 
     # -- images <-> latents -----------------------------------------------------------------------------
     def encode_reference(self, image: Image.Image) -> torch.Tensor:
@@ -162,44 +169,22 @@ class Stream:
     def __init__(
         self,
         engine: StreamingEngine,
-        reference: Image.Image,
-        garment: Image.Image,
-        prompt: str,
-        seed: int,
-        chunks: int | None,
-    ) -> None:
-        self.prompt, self.removed_words = filter_garment_words(prompt)
-        with torch.no_grad():
-            text_kv = engine.pipe.encode_text_kv(self.prompt, engine.config.max_text_tokens)
-            reference_latent = engine.encode_reference(reference)
-            garment_latent = engine.encode_garment(garment)
-        self._setup(engine, reference_latent, garment_latent, torch.Generator(device=engine.device).manual_seed(seed),
-                    chunks, text_kv=text_kv)
-
-    @classmethod
-    def _from_latents(cls, engine, reference_latent, garment_latent, text_embeds, generator, *, model, exit_step,
-                      context_noise) -> "Stream":
-        stream = cls.__new__(cls)
-        stream.prompt, stream.removed_words = None, []
-        stream._setup(engine, reference_latent, garment_latent, generator, None, text_embeds=text_embeds,
-                      model=model, exit_step=exit_step, context_noise=context_noise)
-        return stream
-
-    def _setup(
-        self,
-        engine: StreamingEngine,
         reference_latent: torch.Tensor,
         garment_latent: torch.Tensor,
         generator: torch.Generator,
-        chunks: int | None,
+        chunks: int | None = None,
         *,
         text_kv: TextKV | None = None,
         text_embeds: torch.Tensor | None = None,
         model: torch.nn.Module | None = None,
         exit_step: int | None = None,
         context_noise: float = 0.0,
+        prompt: str | None = None,
+        removed_words: list[str] | None = None,
     ) -> None:
+        """Open a stream over encoded inputs (see `StreamingEngine.start` / `start_from_latents`) and prefill."""
         self.engine = engine
+        self.prompt, self.removed_words = prompt, removed_words or []
         self.max_chunks = chunks
         self.chunk_index = 0
         self.garment_version = 0
