@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from .engine import StreamingEngine
     from .presets import load_preset
 
     kwargs = {"base": args.base} if args.base else {}
@@ -94,13 +93,14 @@ def _load(args: argparse.Namespace):
     preset, pipe = load_preset(args.preset, checkpoint=args.checkpoint, device=args.device, **kwargs)
     if preset.random_weights or kwargs.get("random_weights"):
         logger.warning("preset %s has random weights: the video is noise by design", preset.name)
-    return preset, pipe, StreamingEngine
+    return preset, pipe
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from . import media
+    from .engine import StreamingEngine
 
     images = {path: media.load_image(path) for path in [args.reference, args.garment] + [p for _, p in args.switch]}
     switches = dict(args.switch)
@@ -109,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         raise UserInputError(f"--output must end in .mp4, got {args.output}")
-    preset, pipe, StreamingEngine = _load(args)
+    preset, pipe = _load(args)
     engine = StreamingEngine(pipe, preset.stream, switch_mode=args.switch_mode)
     stream = engine.start(images[args.reference], images[args.garment], args.prompt, args.seed, chunks=args.chunks)
     if stream.removed_words:
@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     assets = Path(__file__).resolve().parent.parent / "assets"
     reference = media.load_image(assets / "reference.png")
     garments = [media.load_image(p) for p in sorted(assets.glob("garment_*.png"))]
-    preset, pipe, _ = _load(args)
+    preset, pipe = _load(args)
     sizes = {name: value for name, value in (("height", args.height), ("width", args.width)) if value}
     result = run_bench(pipe, replace(preset.stream, **sizes), reference, garments, chunks=args.chunks,
                        switch_every=args.switch_every,

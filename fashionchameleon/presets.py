@@ -84,15 +84,16 @@ def build_tiny(seed: int = 0, **_: object) -> FashionChameleonPipeline:
     from .models.text import tiny_text_stack
 
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     tokenizer, text_encoder = tiny_text_stack(seed=seed, d_model=TINY_TRANSFORMER["text_dim"])
-    transformer = CausalWanTransformer3DModel(**TINY_TRANSFORMER)
-    z = TINY_VAE["z_dim"]
-    vae = AutoencoderKLWan(
-        **TINY_VAE,
-        latents_mean=(torch.randn(z, generator=generator) * 0.1).tolist(),
-        latents_std=(1.0 + torch.rand(z, generator=generator)).tolist(),
-    )
+    with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG; leave the caller's alone
+        torch.manual_seed(seed)
+        transformer = CausalWanTransformer3DModel(**TINY_TRANSFORMER)
+        z = TINY_VAE["z_dim"]
+        vae = AutoencoderKLWan(
+            **TINY_VAE,
+            latents_mean=(torch.randn(z, generator=generator) * 0.1).tolist(),
+            latents_std=(1.0 + torch.rand(z, generator=generator)).tolist(),
+        )
     for module in (transformer, vae):
         perturb_(module, generator)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
