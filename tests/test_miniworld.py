@@ -1,0 +1,158 @@
+"""The mini wardrobe world (issue 7): determinism, body-following patterns, paper triplets, and metrics that are exact
+on ground truth and clearly worse on corrupted clips. Thresholds come from measurements on seeds 0-15 at 64x64x33,
+quoted beside each assertion."""
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from fashionchameleon.miniworld import metrics
+from fashionchameleon.miniworld.world import Garment, Motion, make_triplet, render, sample_motion, sample_person
+
+FRAMES, HEIGHT, WIDTH = 33, 64, 64
+SWITCH = 16  # first frame after a garment switch
+SEEDS = range(8)
+NOISE_STD = 20.0  # RGB units
+
+
+@pytest.fixture(scope="module")
+def triplets():
+    return [make_triplet(seed, FRAMES, HEIGHT, WIDTH) for seed in SEEDS]
+
+
+def _noisy(video: np.ndarray, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0, NOISE_STD, video.shape)
+    return np.clip(video + noise, 0, 255).astype(np.uint8)
+
+
+def _redressed(triplet, garment: Garment) -> np.ndarray:
+    return render(triplet.person, garment, triplet.motion, FRAMES, HEIGHT, WIDTH)[0]
+
+
+def test_same_seed_same_clip_and_different_seeds_differ():
+    first, again, other = make_triplet(3, FRAMES, HEIGHT, WIDTH), make_triplet(3, FRAMES, HEIGHT, WIDTH), \
+        make_triplet(4, FRAMES, HEIGHT, WIDTH)
+    for name in ("video", "reference", "garment_image"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+        assert not np.array_equal(getattr(first, name), getattr(other, name))
+    assert all(np.array_equal(first.masks[k], again.masks[k]) for k in first.masks)
+    assert (first.person, first.garment, first.motion) == (again.person, again.garment, again.motion)
+
+
+def test_shapes_and_a_clip_renders_fast():
+    triplet = make_triplet(0, FRAMES, HEIGHT, WIDTH)
+    assert triplet.video.shape == (FRAMES, HEIGHT, WIDTH, 3) and triplet.video.dtype == np.uint8
+    assert triplet.reference.shape == triplet.garment_image.shape == (HEIGHT, WIDTH, 3)
+    assert all(m.shape == (FRAMES, HEIGHT, WIDTH) and m.dtype == bool for m in triplet.masks.values())
+    for part in ("garment", "face", "hair", "skin", "legs"):
+        assert not (triplet.masks[part] & ~triplet.masks["person"]).any()
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        render(triplet.person, triplet.garment, triplet.motion, FRAMES, HEIGHT, WIDTH)
+        timings.append(time.perf_counter() - start)
+    assert min(timings) < 0.1  # measured 0.018 s on 2 CPU cores
+
+
+def test_pattern_moves_with_the_body_not_the_screen():
+    """A pure sideways drift of exactly 12 pixels moves the stripes by 12 pixels too."""
+    height = 100  # drift 0.06 frame heights each way: frames 0 and 10 are 0.12 * 100 = 12 px apart
+    motion = Motion(kind="sway", frequency=1 / 20, phase=0.0, sway=0.0, drift=0.06, arm_raise=(0.2, 0.2),
+                    arm_swing=(0.0, 0.0), arm_lag=0.0, elbow=0.0, step=0.0, bob=0.0, turn=0.0)
+    garment = Garment(base=(200, 30, 30), pattern="stripes", pattern_colour=(30, 30, 200), scale=0.35,
+                      orientation=0.0)
+    video, masks = render(sample_person(np.random.default_rng(0)), garment, motion, 11, height, height)
+    stripes = np.all(video == garment.pattern_colour, -1) & masks["garment"]
+
+    def overlap(shift):
+        moved = np.roll(stripes[0], shift, axis=1)
+        return (moved & stripes[10]).sum() / (moved | stripes[10]).sum()
+
+    assert overlap(-12) > 0.97  # measured 1.0: the stripes travelled with the torso
+    assert overlap(0) < 0.5  # a screen-fixed pattern would score ~1 here
+
+
+def test_triplet_reference_is_the_first_frame_redressed_in_another_garment(triplets):
+    for triplet in triplets:
+        garment = triplet.masks["garment"][0]
+        assert np.array_equal(triplet.reference[~garment], triplet.video[0][~garment])
+        assert (triplet.reference[garment] != triplet.video[0][garment]).any(-1).all()
+        assert triplet.reference_garment != triplet.garment
+        for colour in triplet.reference_garment.colours:  # B's colours stay >= 60 away from A's
+            assert min(np.linalg.norm(np.subtract(colour, c)) for c in triplet.garment.colours) >= 60
+        assert np.array_equal(triplet.garment_image, triplet.garment.flat_lay((HEIGHT, WIDTH)))
+
+
+def test_masks_are_recoverable_from_colour(triplets):
+    for triplet in triplets:
+        estimated = metrics.estimate_masks(triplet.video, triplet.person)
+        for name, mask in estimated.items():
+            assert np.array_equal(mask, triplet.masks[name]), name
+
+
+def test_garment_fidelity_exact_on_truth_and_worse_when_corrupted(triplets):
+    for seed, triplet in zip(SEEDS, triplets):
+        masks = triplet.masks["garment"]
+        truth = metrics.garment_fidelity(triplet.video, masks, triplet.garment_image)
+        assert np.all(truth.colour_error == 0)  # the worn colours are exactly the flat lay's
+        assert truth.score.min() > 0.5 and truth.score.mean() > 0.6  # measured per-frame min 0.59, means 0.65-1
+        wrong = metrics.garment_fidelity(_redressed(triplet, triplet.reference_garment), masks,
+                                         triplet.garment_image)
+        assert wrong.colour_error.min() >= 60 and wrong.score.max() < 0.05  # measured colour error 108-228, score <= 0.006
+        noisy = metrics.garment_fidelity(_noisy(triplet.video, seed), masks, triplet.garment_image)
+        assert noisy.score.mean() < 0.15  # measured 0.002-0.10
+        plain = dataclasses.replace(triplet.garment,
+                                    pattern="solid" if triplet.garment.pattern != "solid" else "dots")
+        pattern = metrics.garment_fidelity(_redressed(triplet, plain), masks, triplet.garment_image)
+        assert pattern.score.mean() < 0.1  # the pattern dropped (or added): measured <= 0.015
+
+
+def test_garment_fidelity_before_and_after_a_switch(triplets):
+    for triplet in triplets:
+        switched = np.concatenate([triplet.video[:SWITCH], _redressed(triplet, triplet.reference_garment)[SWITCH:]])
+        masks = metrics.estimate_masks(switched, triplet.person)["garment"]
+        to_a = metrics.garment_fidelity(switched, masks, triplet.garment_image).colour_error
+        to_b = metrics.garment_fidelity(switched, masks, triplet.reference_garment.flat_lay(HEIGHT)).colour_error
+        assert np.all(to_a[:SWITCH] == 0) and np.all(to_b[SWITCH:] == 0)
+        assert to_a[SWITCH:].min() >= 60 and to_b[:SWITCH].min() >= 60
+
+
+def test_identity_fidelity_exact_on_truth_and_worse_with_other_colours(triplets):
+    for triplet in triplets:
+        truth = metrics.identity_fidelity(triplet.video, triplet.masks, triplet.person)
+        assert np.all(truth.score == 1)
+        assert all(np.all(np.isnan(e) | (e == 0)) for e in truth.errors.values())
+        for part in ("skin", "legs"):
+            changed = triplet.video.copy()
+            changed[triplet.masks[part]] = 255 - changed[triplet.masks[part]]
+            worse = metrics.identity_fidelity(changed, triplet.masks, triplet.person)
+            assert worse.score.mean() < 0.5  # measured <= 0.02 for inverted skin
+        other = dataclasses.replace(triplet.person, skin=triplet.person.hair)
+        assert metrics.identity_fidelity(triplet.video, triplet.masks, other).score.mean() < 0.5
+
+
+def test_motion_continuity_near_one_through_a_switch_and_large_at_a_cut(triplets):
+    truths, cuts = [], []
+    for seed, triplet in zip(SEEDS, triplets):
+        switched = np.concatenate([triplet.video[:SWITCH], _redressed(triplet, triplet.reference_garment)[SWITCH:]])
+        other = sample_motion(np.random.default_rng(1000 + seed))
+        cut = np.concatenate([triplet.video[:SWITCH], render(triplet.person, triplet.garment, other,
+                                                              FRAMES - SWITCH, HEIGHT, WIDTH, start=SWITCH)[0]])
+        truths.append(metrics.motion_continuity(metrics.silhouettes(switched, triplet.person), [SWITCH])[0])
+        cuts.append(metrics.motion_continuity(metrics.silhouettes(cut, triplet.person), [SWITCH])[0])
+    assert max(truths) < 1.3  # measured 0.42-1.23 on seeds 0-15
+    assert all(c > t for c, t in zip(cuts, truths)) and np.median(cuts) > 2  # measured 1.34-9.6, median ~3
+
+
+def test_temporal_smoothness_zero_flicker_on_truth_and_worse_when_corrupted(triplets):
+    for seed, triplet in zip(SEEDS, triplets):
+        truth = metrics.temporal_smoothness(triplet.video, triplet.masks["person"])
+        assert np.all(truth.background_flicker == 0)  # the background is static
+        order = np.random.default_rng(seed).permutation(FRAMES)
+        shuffled = metrics.temporal_smoothness(triplet.video[order], triplet.masks["person"][order])
+        assert shuffled.second_difference.mean() > 1.2 * truth.second_difference.mean()  # measured x1.4-3.8
+        noisy = metrics.temporal_smoothness(_noisy(triplet.video, seed), triplet.masks["person"])
+        assert noisy.background_flicker.mean() > 0.05  # measured ~0.087 at std 20
+        assert noisy.second_difference.mean() > 5 * truth.second_difference.mean()  # measured x6-27
