@@ -53,14 +53,23 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     return out.type_as(x)
 
 
-class CausalWanAttnProcessor:
-    """Self-attention over [cached K/V ; this call's K/V], or under a mask for full-sequence training."""
+class _LayerAttnProcessor:
+    """A processor bound to one layer (caches are per layer); diffusers sets `_attention_backend` on it."""
 
     _attention_backend = None
     _parallel_config = None
 
     def __init__(self, layer: int) -> None:
         self.layer = layer
+
+    def _attend(self, attn: WanAttention, query, key, value, mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class CausalWanAttnProcessor(_LayerAttnProcessor):
+    """Self-attention over [cached K/V ; this call's K/V], or under a mask for full-sequence training."""
 
     def __call__(
         self,
@@ -79,21 +88,11 @@ class CausalWanAttnProcessor:
         key = apply_rotary_emb(key, ctx.freqs_cos, ctx.freqs_sin)
         if ctx.kv_plan is not None:
             key, value = ctx.kv_plan.extend(self.layer, key, value)
-        hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=ctx.attention_mask, backend=self._attention_backend
-        )
-        hidden_states = hidden_states.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        return self._attend(attn, query, key, value, ctx.attention_mask)
 
 
-class CachedTextAttnProcessor:
+class CachedTextAttnProcessor(_LayerAttnProcessor):
     """Cross-attention to the prompt; with `TextKV` it skips re-projecting the same 512 tokens every pass."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, layer: int) -> None:
-        self.layer = layer
 
     def __call__(
         self,
@@ -108,9 +107,7 @@ class CachedTextAttnProcessor:
         else:
             key, value = text_kv_projections(attn, encoder_hidden_states)
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        hidden_states = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
-        hidden_states = hidden_states.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        return self._attend(attn, query, key, value)
 
 
 def text_kv_projections(attn: WanAttention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
