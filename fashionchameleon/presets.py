@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -221,7 +221,3 @@ def load_saved_pipeline(path: str | os.PathLike) -> FashionChameleonPipeline:
         raise UserInputError(f"{path} is not a saved pipeline folder (no model_index.json)")
     return FashionChameleonPipeline.from_pretrained(path)
 
-
-def with_stream(preset: Preset, **overrides: object) -> StreamConfig:
-    """The preset's stream settings with some replaced (e.g. a longer window for an experiment)."""
-    return replace(preset.stream, **overrides)

@@ -1,6 +1,5 @@
 """The causal subclass is the stock Wan transformer, and cached chunking is the masked full forward."""
 
-import pytest
 import torch
 from diffusers import WanTransformer3DModel
 

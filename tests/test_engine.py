@@ -2,6 +2,7 @@
 
 import os
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from fashionchameleon import media
 from fashionchameleon.engine import Stream, StreamingEngine, SwitchMode
 from fashionchameleon.models.kv_cache import KVSlot
-from fashionchameleon.presets import build_tiny, get_preset, with_stream
+from fashionchameleon.presets import build_tiny, get_preset
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "assets")
 REFERENCE = os.path.join(ASSETS, "reference.png")
@@ -30,7 +31,7 @@ def stream_config():
 @pytest.fixture(scope="module")
 def small_config():
     """A 32x32 stream (one token per latent frame) for the long-stream tests: same code, less decode work."""
-    return with_stream(get_preset("tiny"), height=32, width=32)
+    return replace(get_preset("tiny").stream, height=32, width=32)
 
 
 def positions(stream: Stream) -> dict[str, list[int]]:
@@ -55,7 +56,7 @@ def test_cached_stream_equals_recompute_stream(pipe, stream_config):
     """The KV cache changes the cost, not the result: the same stream with every pass re-running the whole
     visible context under the block-causal mask gives the same latents, across a switch (before the window
     evicts; after that the cache holds K/V computed with frames recompute no longer sees)."""
-    config = with_stream(get_preset("tiny"), history_frames=30)
+    config = replace(get_preset("tiny").stream, history_frames=30)
     results = []
     for use_cache in (True, False):
         engine = StreamingEngine(pipe, config, use_kv_cache=use_cache, switch_mode=SwitchMode.REFRESH_WITHDRAW)

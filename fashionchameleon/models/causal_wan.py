@@ -9,7 +9,6 @@ precomputed text K/V (`TextKV`), computed once per stream.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
