@@ -11,11 +11,12 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from .models.causal_wan import CausalWanTransformer3DModel, TextKV
 from .models.text import PromptEncoder
-from .models.vae import WanLatentCodec
+from .models.vae import AutoencoderPixelShuffle, WanLatentCodec, latent_codec
 
 
 class FashionChameleonPipeline(DiffusionPipeline):
-    """Tokenizer, UMT5, causal Wan transformer, Wan VAE and the flow-matching scheduler.
+    """Tokenizer, UMT5, causal Wan transformer, Wan VAE (or the `mini` pixel-shuffle codec) and the flow-matching
+    scheduler.
 
     It holds no stream state: the chunk loop lives in `fashionchameleon.engine`, which many streams share
     one pipeline through. `save_pretrained`/`from_pretrained` give a standard diffusers folder.
@@ -28,7 +29,7 @@ class FashionChameleonPipeline(DiffusionPipeline):
         tokenizer: PreTrainedTokenizerBase,
         text_encoder: UMT5EncoderModel,
         transformer: CausalWanTransformer3DModel,
-        vae: AutoencoderKLWan,
+        vae: AutoencoderKLWan | AutoencoderPixelShuffle,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ) -> None:
         super().__init__()
@@ -58,7 +59,7 @@ class FashionChameleonPipeline(DiffusionPipeline):
 
     @property
     def codec(self) -> WanLatentCodec:
-        return WanLatentCodec(self.vae)
+        return latent_codec(self.vae)
 
     def encode_text_kv(self, prompt: str, max_length: int) -> TextKV:
         """UMT5 embeddings of `prompt` turned into every layer's cross-attention K/V (once per stream)."""

@@ -1,4 +1,5 @@
-"""Latent codec around diffusers' `AutoencoderKLWan` (Wan2.2 VAE), with a streaming decoder.
+"""Latent codecs behind one interface: diffusers' `AutoencoderKLWan` (Wan2.2 VAE) and the `mini` preset's exact
+pixel-shuffle codec, each with a streaming decoder.
 
 The Wan VAE is causal in time: every `WanCausalConv3d` keeps the last two input frames of the previous call in a
 feature cache. The stock `vae.decode` clears that cache at the start and end of each call, so decoding a stream
@@ -15,13 +16,14 @@ feed them to the transformer.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers import AutoencoderKLWan, ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 # diffusers internals (0.42.x): the causal conv class (to size a feature cache) and the pixel-unshuffle inverse
 # that `AutoencoderKLWan._decode` applies when `patch_size` is set. Neither is re-exported at the package top level.
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
-__all__ = ["StreamingDecoder", "WanLatentCodec"]
+__all__ = ["AutoencoderPixelShuffle", "PixelShuffleCodec", "StreamingDecoder", "WanLatentCodec", "latent_codec"]
 
 
 def _check_5d(name: str, x: torch.Tensor) -> None:
@@ -36,19 +38,24 @@ class WanLatentCodec:
     touches the VAE's internal `_feat_map`.
     """
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: "AutoencoderKLWan | AutoencoderPixelShuffle") -> None:
         self.vae = vae
-        z_dim = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
-        std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
+        z_dim = self.latent_channels
+        mean, std = self._channel_stats()
         if mean.numel() != z_dim or std.numel() != z_dim:
             raise ValueError(
-                f"latents_mean/latents_std must have z_dim={z_dim} values, got {mean.numel()} and {std.numel()}."
+                f"latents_mean/latents_std must have {z_dim} values (the latent channels), got {mean.numel()} and {std.numel()}."
             )
         # [1, C, 1, 1, 1] fp32, one copy per device (no host-to-device copy per chunk in the stream loop).
         self._stats_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {
             torch.device("cpu"): (mean.view(1, z_dim, 1, 1, 1), std.view(1, z_dim, 1, 1, 1))
         }
+
+    def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 per-channel mean and std of raw latents (the Wan VAE keeps them in its config)."""
+        config = self.vae.config
+        return (torch.tensor(config.latents_mean, dtype=torch.float32),
+                torch.tensor(config.latents_std, dtype=torch.float32))
 
     # ---- sizes (all from the VAE config) ----
 
@@ -104,10 +111,10 @@ class WanLatentCodec:
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, F, H, W]` in [-1, 1], `F = 4k + 1` -> normalised latents `[B, C, (F-1)/4 + 1, H/16, W/16]`.
+        """`[B, 3, F, H, W]` in [-1, 1], `F = tk + 1` -> normalised latents `[B, C, (F-1)/t + 1, H/s, W/s]`.
 
-        Uses the posterior mode (its mean), as the Wan pipelines do (`sample_mode="argmax"`): deterministic.
-        Returned in the VAE's dtype.
+        The Wan VAE uses the posterior mode (its mean), as the Wan pipelines do (`sample_mode="argmax"`):
+        deterministic. Returned in the VAE's dtype.
         """
         _check_5d("video", video)
         frames, height, width = video.shape[2:]
@@ -118,8 +125,10 @@ class WanLatentCodec:
             raise ValueError(f"video must have {t}k+1 frames (1, {t + 1}, {2 * t + 1}, ...), got {frames}.")
         if height % s != 0 or width % s != 0:
             raise ValueError(f"video height and width must be multiples of {s}, got {height}x{width}.")
-        posterior = self.vae.encode(self._to_vae(video)).latent_dist
-        return self.normalize(posterior.mode())
+        return self.normalize(self._encode_raw(self._to_vae(video)))
+
+    def _encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video).latent_dist.mode()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` in [-1, 1] -> normalised latents `[B, C, 1, H/16, W/16]` (a one-frame video).
@@ -140,7 +149,7 @@ class WanLatentCodec:
         """
         return self.vae.decode(self._decoder_input(latents)).sample
 
-    def stream_decoder(self) -> StreamingDecoder:
+    def stream_decoder(self) -> "StreamingDecoder":
         """A new decoder state for one stream (its first `decode` call is a video start)."""
         return StreamingDecoder(self)
 
@@ -218,3 +227,97 @@ class StreamingDecoder:
         self._shape = (batch, height, width)
         self.frames_out += out.shape[2]
         return out
+
+
+class AutoencoderPixelShuffle(ModelMixin, ConfigMixin):
+    """The `mini` preset's codec as a diffusers model (so a pipeline folder saves and loads it): an exact,
+    parameter-free space-to-depth. `factor` x `factor` pixel blocks become `3 factor^2` channels, one latent per
+    frame. Its only tensors are the buffers `latents_mean`/`latents_std` that normalise the channels (set from
+    data with `fit_channel_stats`). Lossless by construction, so the transformer alone decides what the video
+    looks like."""
+
+    @register_to_config
+    def __init__(self, factor: int = 4) -> None:
+        super().__init__()
+        channels = 3 * factor**2
+        self.register_buffer("latents_mean", torch.zeros(channels))
+        self.register_buffer("latents_std", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit_channel_stats(self, video: torch.Tensor) -> None:
+        """Set the normalisation from sample pixels [B, 3, F, H, W] in [-1, 1]."""
+        z = self.encode(video.float()).transpose(0, 1).flatten(1)
+        self.latents_mean.copy_(z.mean(dim=1))
+        self.latents_std.copy_(z.std(dim=1).clamp_min(1e-3))
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] -> raw latents [B, 3 factor^2, F, H/factor, W/factor]."""
+        b, _, f, h, w = video.shape
+        frames = video.transpose(1, 2).reshape(b * f, 3, h, w)
+        z = torch.nn.functional.pixel_unshuffle(frames, self.config.factor)
+        return z.reshape(b, f, *z.shape[1:]).transpose(1, 2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `encode`, clamped to [-1, 1]."""
+        b, c, f, h, w = z.shape
+        frames = torch.nn.functional.pixel_shuffle(z.transpose(1, 2).reshape(b * f, c, h, w), self.config.factor)
+        return frames.reshape(b, f, *frames.shape[1:]).transpose(1, 2).clamp(-1.0, 1.0)
+
+
+class PixelShuffleCodec(WanLatentCodec):
+    """`WanLatentCodec`'s interface over `AutoencoderPixelShuffle`: spatial factor `factor`, no temporal
+    compression (one latent per frame, so `pixel_frames(n) = n`)."""
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.vae.config.factor)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 1
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.vae.config.factor**2
+
+    def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.latents_mean.detach().float().cpu(), self.vae.latents_std.detach().float().cpu()
+
+    def _encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video)
+
+    @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self._decoder_input(latents))
+
+    def stream_decoder(self) -> "FrameDecoder":
+        return FrameDecoder(self)
+
+
+class FrameDecoder:
+    """Streaming decoder of a frame-wise codec: no state between chunks is needed, so chunked decoding equals one
+    full decode trivially; the bookkeeping mirrors `StreamingDecoder`'s."""
+
+    def __init__(self, codec: WanLatentCodec) -> None:
+        self.codec = codec
+        self.reset()
+
+    def reset(self) -> None:
+        self.frames_out = 0
+        self._started = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        _check_5d("latents", latents)
+        out = self.codec.decode_video(latents)
+        self._started = True
+        self.frames_out += out.shape[2]
+        return out
+
+
+def latent_codec(vae: "AutoencoderKLWan | AutoencoderPixelShuffle") -> WanLatentCodec:
+    """The codec adapter for a pipeline's `vae` component."""
+    return PixelShuffleCodec(vae) if isinstance(vae, AutoencoderPixelShuffle) else WanLatentCodec(vae)
