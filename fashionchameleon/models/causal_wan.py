@@ -125,6 +125,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     `cache_write`/`cache_read` (which slots this call stores to and attends to), `attention_mask` for a
     full-sequence forward (teacher forcing, equivalence tests), `text_kv` instead of text embeddings.
     `timestep` may be per sample [B], per frame [B, F] or per token [B, F*tokens_per_frame].
+
+    `prediction_type="sample"` (our `mini` preset; Wan2.2 is "flow") lets the network predict the clean latent x0
+    and returns the velocity (x_t - x0) / max(sigma, sample_sigma_min), sigma = t / num_train_timesteps: the noise
+    reaches the output through that skip instead of through a narrow network (EDM-style preconditioning). Callers
+    still see a velocity, so the engine and the losses are the same for both.
     """
 
     _skip_keys = ["kv_cache"]
@@ -148,7 +153,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         added_kv_proj_dim: int | None = None,
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
+        prediction_type: str = "flow",
+        sample_sigma_min: float = 0.05,
+        num_train_timesteps: int = 1000,
     ) -> None:
+        if prediction_type not in ("flow", "sample"):
+            raise ValueError(f"prediction_type must be 'flow' or 'sample', got {prediction_type!r}")
         if image_dim is not None or added_kv_proj_dim is not None:
             raise ValueError("the causal Wan supports the TI2V layout only (no CLIP image branch)")
         super().__init__(
@@ -287,6 +297,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             plan = kv_cache.plan([int(p) for p in positions], write=cache_write, read=cache_read)
         context = CausalAttentionContext(freqs_cos, freqs_sin, plan, attention_mask)
 
+        inputs = hidden_states
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
         temb, timestep_proj = self.embed_timesteps(timestep, ppf, frame_tokens, hidden_states.dtype)
         if text_kv is not None:
@@ -308,9 +319,22 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         hidden_states = self.proj_out(normed.type_as(hidden_states))
         hidden_states = hidden_states.reshape(batch, ppf, pph, ppw, p_t, p_h, p_w, -1)
         output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if self.config.prediction_type == "sample":
+            output = self.velocity_from_sample(inputs, output, timestep, frame_tokens)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+
+    def velocity_from_sample(self, noisy: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor,
+                             frame_tokens: int) -> torch.Tensor:
+        """(x_t - x0) / max(sigma, sample_sigma_min) per frame, from [B], [B, F] or per-token timesteps."""
+        batch, frames = noisy.shape[0], noisy.shape[2]
+        t = timestep.float().reshape(batch, -1)
+        t = t.expand(batch, frames) if t.shape[1] == 1 else t[:, ::frame_tokens] if t.shape[1] != frames else t
+        sigma = (t / self.config.num_train_timesteps).clamp_min(self.config.sample_sigma_min)
+        velocity = (noisy.float() - sample.float()) / sigma[:, None, :, None, None]
+        return velocity.to(sample.dtype)
 
 
 def block_causal_mask(
