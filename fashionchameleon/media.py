@@ -43,6 +43,7 @@ __all__ = [
     "load_image",
     "fit_reference",
     "letterbox_garment",
+    "blank_garment",
     "image_to_tensor",
     "tensor_to_frames",
     "frame_to_image",
@@ -250,6 +251,11 @@ def letterbox_garment(image: Any, width: int, height: int) -> Image.Image:
     return ImageOps.pad(
         _as_rgb(image), size, method=Image.Resampling.LANCZOS, color=_WHITE, centering=(0.5, 0.5)
     )
+
+
+def blank_garment(width: int, height: int) -> Image.Image:
+    """The garment canvas with no garment on it: what garment guidance's unconditional branch is shown."""
+    return Image.new("RGB", (width, height), (255, 255, 255))
 
 
 def image_to_tensor(image: Any) -> torch.Tensor:

@@ -32,13 +32,16 @@ class DataConfig:
     """Where the triplets are and how a sample becomes tensors (METHOD.md §2)."""
 
     root: str = "data"  # dataset folder
-    layout: str = "authors"  # "authors": meta_train.csv + X_src.png / X_cloth.png beside X.mp4; "folder": ours
+    layout: str = "authors"  # "authors": meta_train.csv + X_src.png / X_cloth.png beside X.mp4; "folder": ours;
+    #                          "miniworld": triplets drawn procedurally (issue 7), no files: `root` is unused
+    clips: int = 100_000  # miniworld: clip seeds 0 .. clips-1 (held-out evaluation draws from EVAL_SEED_OFFSET on)
     meta_file: str = "meta_train.csv"  # authors' layout: the CSV inside `root`
     video_root: str | None = None  # base of relative `video` paths in the CSV (default: `root`)
     caption_key: str = "en_long"  # prompt JSON key holding [dynamic, static]
     mixed_captions: bool = False  # True: dynamic part only with `short_caption_prob`, else dynamic + static
     short_caption_prob: float = 0.7
     empty_prompt_prob: float = 0.0  # the teacher stage trains the unconditional branch with 0.1
+    garment_drop_prob: float = 0.0  # show a blank garment canvas instead (trains garment guidance; `mini`: 0.1)
     height: int = 1280  # pixels: reference fit/crop, garment letterbox and video frames
     width: int = 704
     num_frames: int = 81  # first N frames of each clip, no resampling; 4k + 1
@@ -53,6 +56,7 @@ class ModelConfig:
 
     pipeline: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # diffusers folder/hub id, or a random preset ("tiny")
     seed: int = 0  # weights seed of a random preset
+    random_weights: bool = False  # start a preset that has trained weights (`mini`) from fresh random ones
     init: str | None = None  # trained transformer weights (folder, .safetensors or model.pt); None: the pipeline's
     teacher: str | None = None  # DMD: stage-1 weights for the frozen real score and the critic's start
     gradient_checkpointing: bool = True
@@ -148,6 +152,7 @@ class DMDConfig(TrainConfig):
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)  # warped by the scheduler's shift
     generator_every: int = 5  # the generator updates when step % generator_every == 0; the critic every step
     guidance_scale: float = 3.0  # real score = cond + scale * (cond - uncond)
+    guidance_condition: str = "text"  # uncond drops "text" (negative prompt) or "garment" (blank canvas; `mini`)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     timestep_range: tuple[float, float] = (0.02, 0.98)  # DMD/critic t, as a fraction of the training steps
     context_noise: float = 0.0  # sigma of the noise in the rollout's commit pass (authors' training: ~0.005)

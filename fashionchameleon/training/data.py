@@ -68,6 +68,14 @@ class Triplet:
         return tuple(dict.fromkeys((self.dynamic, self.long_caption, "")))
 
 
+def drop_garment(item: dict[str, Any], config: DataConfig, rng: np.random.Generator) -> dict[str, Any]:
+    """With `garment_drop_prob`, show the blank garment canvas instead of the garment (garment guidance's
+    unconditional branch, as the empty prompt is the text's)."""
+    if rng.random() < config.garment_drop_prob:
+        item["garment"] = media.image_to_tensor(media.blank_garment(config.width, config.height))
+    return item
+
+
 def choose_caption(triplet: Triplet, config: DataConfig, rng: np.random.Generator) -> str:
     """Mixed captions (METHOD.md §2.4): the dynamic part alone with `short_caption_prob`, else dynamic + static;
     then the empty prompt with `empty_prompt_prob` (the teacher's unconditional branch)."""
@@ -295,7 +303,8 @@ class TripletDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         draw, index = key
         triplet = self.triplets[index]
-        prompt = choose_caption(triplet, self.config, np.random.default_rng([self.seed, draw]))
+        rng = np.random.default_rng([self.seed, draw])
+        prompt = choose_caption(triplet, self.config, rng)
         try:
             if self.cache is None:
                 tensors = load_pixels(triplet, self.config, self.load_video)
@@ -306,7 +315,47 @@ class TripletDataset(torch.utils.data.Dataset):
                 self._reported.add(triplet.id)
                 logger.warning("skipping broken sample %s: %s", triplet.id, error)
             return {"draw": draw}
-        return {"draw": draw, "prompt": prompt, **tensors}
+        return drop_garment({"draw": draw, "prompt": prompt, **tensors}, self.config, rng)
+
+
+class MiniWorldDataset(torch.utils.data.Dataset):
+    """`layout: miniworld`: clip `index` is `miniworld.make_triplet(index)` drawn at the data size, so the dataset
+    needs no files and a seed reproduces every sample; items are `TripletDataset`'s (pixels, empty prompt: the
+    world has no captions)."""
+
+    def __init__(self, config: DataConfig, *, seed: int, load_video: bool) -> None:
+        if config.clips < 1:
+            raise UserInputError(f"data.clips must be >= 1, got {config.clips}")
+        self.config, self.seed, self.load_video = config, seed, load_video
+
+    def __len__(self) -> int:
+        return self.config.clips
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        from ..miniworld import make_triplet
+
+        draw, index = key
+        config = self.config
+        triplet = make_triplet(index, config.num_frames if self.load_video else 1, config.height, config.width)
+        item = {"draw": draw, "prompt": "", "reference": media.image_to_tensor(triplet.reference),
+                "garment": media.image_to_tensor(triplet.garment_image)}
+        if self.load_video:
+            item["video"] = torch.stack([media.image_to_tensor(frame) for frame in triplet.video], dim=1)
+        return drop_garment(item, config, np.random.default_rng([self.seed, draw]))
+
+
+def build_dataset(config: DataConfig, *, seed: int, load_video: bool, cache: "LatentCache | None",
+                  stage_prompts: list[str]) -> tuple[torch.utils.data.Dataset, list[Triplet], list[str]]:
+    """(dataset, its on-disk triplets, every prompt the run embeds) for `config.layout`."""
+    if config.layout == "miniworld":
+        if cache is not None:
+            raise UserInputError("data.layout 'miniworld' draws samples on the fly: leave data.latent_cache unset")
+        return MiniWorldDataset(config, seed=seed, load_video=load_video), [], list(dict.fromkeys([*stage_prompts, ""]))
+    if cache is not None and config.garment_drop_prob:
+        raise UserInputError("data.garment_drop_prob needs pixels: it cannot be used with data.latent_cache")
+    triplets = discover_triplets(config)
+    dataset = TripletDataset(triplets, config, seed=seed, load_video=load_video, cache=cache)
+    return dataset, triplets, LatentCache.prompts(triplets, stage_prompts)
 
 
 class DrawSampler(torch.utils.data.Sampler):

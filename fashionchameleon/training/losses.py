@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import media
 from ..engine import CONDITION_FRAMES, StreamingEngine, embedding_timesteps
 from ..errors import UserInputError
 from ..models.causal_wan import CausalWanTransformer3DModel, teacher_forcing_block_mask, teacher_forcing_mask
@@ -173,7 +174,8 @@ class GRDMDLoss(StageLoss):
 
     Generator: a self-forcing rollout through the engine's chunk loop (random shared exit step, gradient at that
     step only), the DMD gradient g = (mu_fake - mu_real) / mean|x - mu_real| with mu_real = teacher CFG, and the
-    per-frame reweighting A = softmax(-chunk score / temperature) from the reward. Critic (fake score): flow
+    per-frame reweighting A = softmax(-chunk score / temperature) from the reward. The unconditional branch of
+    mu_real drops the text (negative prompt, the paper) or, with `guidance_condition: garment`, the garment. Critic (fake score): flow
     matching on fresh rollouts, every step; the generator every `generator_every` steps.
     """
 
@@ -203,6 +205,9 @@ class GRDMDLoss(StageLoss):
                               denoising_steps=config.denoising_steps, sink_frames=config.chunk_frames,
                               history_frames=video_frames - config.chunk_frames, max_text_tokens=data.max_text_tokens)
         self.engine = StreamingEngine(pipe, stream)
+        if config.guidance_condition not in ("text", "garment"):
+            raise UserInputError(f"guidance_condition must be 'text' or 'garment', got {config.guidance_condition!r}")
+        self.blank_garment = self.engine.encode_garment(media.blank_garment(data.width, data.height)).float()
 
     @classmethod
     def build_networks(cls, config: DMDConfig, pipe: FashionChameleonPipeline) -> tuple[dict, dict]:
@@ -261,14 +266,17 @@ class GRDMDLoss(StageLoss):
         """g = (mu_fake - mu_real) / mean|x - mu_real| per sample, NaN -> 0 (METHOD.md §4.3) [B, C, F, h, w]."""
         sigma, t = self.noise_level(video.shape[0], rng)
         noisy = add_noise(video, torch.randn(video.shape, generator=rng.local, device=video.device), sigma)
-        condition = batch.condition
 
-        def x0(name: str, text: torch.Tensor) -> torch.Tensor:
+        def x0(name: str, text: torch.Tensor, condition: torch.Tensor = batch.condition) -> torch.Tensor:
             return predict_x0(noisy, predict_velocity(self.networks[name], condition, noisy, t, text), sigma)
 
         fake = x0("critic", batch.text)
         cond = x0("real_score", batch.text)
-        uncond = x0("real_score", self.negative_text.expand(video.shape[0], -1, -1))
+        if self.config.guidance_condition == "garment":
+            blank = self.blank_garment.expand_as(batch.condition[:, :, 1:])
+            uncond = x0("real_score", batch.text, torch.cat([batch.condition[:, :, :1], blank], dim=2))
+        else:
+            uncond = x0("real_score", self.negative_text.expand(video.shape[0], -1, -1))
         real = cond + self.config.guidance_scale * (cond - uncond)
         normalizer = (video - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         return torch.nan_to_num((fake - real) / normalizer)

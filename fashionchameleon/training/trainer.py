@@ -35,7 +35,7 @@ from ..models.text import PromptEncoder
 from ..pipeline import FashionChameleonPipeline
 from ..presets import PRESETS
 from .config import ModelConfig, TrainConfig
-from .data import DrawSampler, LatentCache, TripletDataset, collate_triplets, discover_triplets
+from .data import DrawSampler, LatentCache, build_dataset, collate_triplets
 from .losses import LOSSES, Batch, Rngs
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,14 @@ def resolve_mixed_precision(value: str) -> str:
 
 def load_pipeline(config: ModelConfig, *, text_encoder: bool) -> FashionChameleonPipeline:
     """The base pipeline in fp32 (training keeps fp32 master weights) with the flow-matching scheduler of the
-    training table. A random-weight preset name ("tiny") builds that preset; anything else is a diffusers folder
+    training table. A random-weight preset name ("tiny"), or any preset with `random_weights`, builds that preset
+    with fresh seeded weights; anything else is a diffusers folder
     (ours or a stock Wan2.2 one). `text_encoder=False` skips UMT5 when the latent cache replaces it."""
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
                                                 shift=config.timestep_shift)
     preset = PRESETS.get(config.pipeline)
-    if preset is not None and preset.random_weights:
-        pipe = preset.load(seed=config.seed)
+    if preset is not None and (preset.random_weights or config.random_weights):
+        pipe = preset.load(seed=config.seed, random_weights=True)
         pipe.register_modules(scheduler=scheduler, **({} if text_encoder else {"text_encoder": None}))
         return pipe
     if not Path(config.pipeline).is_dir():
@@ -102,9 +103,9 @@ class Trainer:
         self.ema_active = False
 
         # 2. data samples, the pipeline, the latent cache
-        triplets = discover_triplets(config.data)
         cache = LatentCache(config.data.latent_cache, config.data) if config.data.latent_cache else None
-        prompts = LatentCache.prompts(triplets, self.stage.prompts(config))
+        dataset, triplets, prompts = build_dataset(config.data, seed=config.seed, load_video=self.stage.needs_video,
+                                                   cache=cache, stage_prompts=self.stage.prompts(config))
         needs_text_encoder = cache is None or config.export_pipeline or not cache.has_text(prompts)
         self.pipe = load_pipeline(config.model, text_encoder=needs_text_encoder)
         self.pipe.vae.to(self.device).requires_grad_(False)
@@ -142,8 +143,6 @@ class Trainer:
 
         # 4. resume, then the loader starts where the checkpoint stopped reading
         self.resume()
-        dataset = TripletDataset(triplets, config.data, seed=config.seed, load_video=self.stage.needs_video,
-                                 cache=cache)
         sampler = DrawSampler(len(dataset), config.seed, first_draw=self.next_draw, world=self.world)
         self.loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, config.batch_size, drop_last=False),
                                  num_workers=config.data.num_workers, collate_fn=collate_triplets,
