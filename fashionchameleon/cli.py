@@ -1,4 +1,4 @@
-"""`python -m fashionchameleon generate|bench|convert|train`: thin wrappers over the engine and the trainer.
+"""`python -m fashionchameleon generate|bench|eval|convert|train`: thin wrappers over the engine and the trainer.
 
 Bad user input ends with one line on stderr and exit code 2, never a traceback.
 """
@@ -76,11 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output", required=True)
     conv.add_argument("--preset", default="wan22-ti2v-5b", help="whose transformer config the weights have")
 
+    ev = sub.add_parser("eval", help="score a model on held-out mini wardrobe world clips with a garment switch")
+    model_args(ev)
+    ev.add_argument("--clips", type=_positive, default=16, help="held-out clips")
+    ev.add_argument("--chunks", type=_positive, default=8, help="streamed chunks per clip")
+    ev.add_argument("--switch-chunk", type=_positive, default=4, help="switch garments before this chunk")
+    ev.add_argument("--modes", default="refresh,refresh+withdraw,full", help="switching modes, comma-separated")
+    ev.add_argument("--teacher", help="teacher transformer folder for the teacher-vs-student rows "
+                                      "(mini: assets/mini-teacher; 'none' skips them)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the results here")
+    ev.add_argument("--strip", help="also write a PNG strip of one switch (inputs, streamed frames, ground truth)")
+
     from .training.config import STAGES
 
     train = sub.add_parser("train", help="train a stage (many GPUs: accelerate launch -m fashionchameleon train ...)")
-    train.add_argument("stage", choices=list(STAGES), help="teacher (stage 1), forcing (stage 2), dmd (stage 3)")
-    train.add_argument("--config", required=True, help="YAML/JSON config (see configs/)")
+    train.add_argument("stage", choices=[*STAGES, "all"],
+                       help="teacher (stage 1), forcing (stage 2), dmd (stage 3), or all three from a recipe")
+    train.add_argument("--config", required=True, help="YAML/JSON config; for `all` a recipe (configs/mini.yaml)")
     return parser
 
 
@@ -116,11 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         logger.warning("removed garment words from the prompt: %s", ", ".join(stream.removed_words))
     output.parent.mkdir(parents=True, exist_ok=True)
     with media.VideoWriter(output, fps=preset.stream.fps) as writer, tqdm(total=args.chunks, unit="chunk") as bar:
-        for chunk in stream:
+        for chunk in stream.play({k: images[path] for k, path in switches.items()}):
             writer.write(chunk.frames)
             bar.update(1)
-            if chunk.index + 1 in switches:
-                stream.request_switch(images[switches[chunk.index + 1]])
     print(f"wrote {output} ({writer.frames_written} frames)")
 
 
@@ -142,15 +153,47 @@ def cmd_bench(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from .engine import SwitchMode
+    from .miniworld.evaluate import EvalConfig, evaluate, example_strip, format_results
+    from .models.causal_wan import CausalWanTransformer3DModel
+    from .presets import MINI_TEACHER
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    known = [m.value for m in SwitchMode]
+    if not modes or any(m not in known for m in modes):
+        raise UserInputError(f"--modes must be a comma-separated subset of {', '.join(known)}, got {args.modes!r}")
+    teacher_path = args.teacher or (str(MINI_TEACHER) if args.preset == "mini" else "none")
+    if teacher_path != "none" and not (Path(teacher_path) / "config.json").is_file():
+        raise UserInputError(f"--teacher {teacher_path} is not a transformer folder (no config.json)")
+    config = EvalConfig(clips=args.clips, chunks=args.chunks, switch_chunk=args.switch_chunk, modes=modes,
+                        teacher=teacher_path != "none", seed=args.seed)
+    preset, pipe = _load(args)
+    teacher = None
+    if config.teacher:
+        teacher = CausalWanTransformer3DModel.from_pretrained(teacher_path).to(pipe.device, pipe.transformer.dtype)
+    result = evaluate(pipe, preset.stream, config, teacher=teacher, progress=True)
+    result["preset"] = preset.name
+    print(format_results(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.strip:
+        strip = example_strip(pipe, preset.stream, chunks=args.chunks, switch_chunk=args.switch_chunk,
+                              seed=args.seed)
+        Image.fromarray(strip).save(args.strip)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from accelerate import init_empty_weights
 
     from .models.causal_wan import CausalWanTransformer3DModel
     from .models.convert import load_official_checkpoint
-    from .presets import TINY_TRANSFORMER, WAN22_TRANSFORMER, get_preset
+    from .presets import MINI_TRANSFORMER, TINY_TRANSFORMER, WAN22_TRANSFORMER, get_preset
 
     get_preset(args.preset)
-    config = {"tiny": TINY_TRANSFORMER, "wan22-ti2v-5b": WAN22_TRANSFORMER}[args.preset]
+    config = {"mini": MINI_TRANSFORMER, "tiny": TINY_TRANSFORMER, "wan22-ti2v-5b": WAN22_TRANSFORMER}[args.preset]
     state = load_official_checkpoint(args.input)
     with init_empty_weights():
         model = CausalWanTransformer3DModel(**config)
@@ -165,9 +208,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.config import load_config
+    from .training.recipe import run_recipe
     from .training.trainer import Trainer
 
-    folder = Trainer(load_config(args.config, args.stage)).train()
+    if args.stage == "all":
+        folder = run_recipe(args.config)
+    else:
+        folder = Trainer(load_config(args.config, args.stage)).train()
     logger.info("trained %s: %s", args.stage, folder)
 
 
@@ -175,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert, "train": cmd_train}[args.command](args)
+        {"generate": cmd_generate, "bench": cmd_bench, "eval": cmd_eval, "convert": cmd_convert,
+         "train": cmd_train}[args.command](args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

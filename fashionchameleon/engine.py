@@ -284,6 +284,13 @@ class Stream:
         self.last_frame = frames[-1]
         return chunk
 
+    def play(self, switches: dict[int, Image.Image | str]) -> Iterator[Chunk]:
+        """The chunks, switching to `switches[k]` before chunk k (a scripted session: CLI `--switch`, eval)."""
+        for chunk in self:
+            yield chunk
+            if chunk.index + 1 in switches:
+                self.request_switch(switches[chunk.index + 1])
+
     def stop(self) -> None:
         """End the stream at the next chunk boundary (thread-safe)."""
         self._stopped.set()
@@ -426,7 +433,8 @@ def sample_bidirectional(
     seed: int = 0,
 ) -> np.ndarray:
     """The in-context teacher's way of sampling (METHOD.md §9): the whole clip at once, bidirectional attention,
-    [reference, garment, video] at t = 0 / t, Euler flow-matching steps with classifier-free guidance.
+    [reference, garment, video] at t = 0 / t, Euler flow-matching steps with classifier-free guidance on the text
+    or (`guidance_condition="garment"`) on the garment.
     Returns uint8 frames [F, H, W, 3]. `bench` uses it as the non-streaming baseline."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -436,9 +444,14 @@ def sample_bidirectional(
     guidance = config.teacher_guidance if guidance is None else guidance
     prompt, _ = filter_garment_words(prompt)
     cond_kv = pipe.encode_text_kv(prompt, config.max_text_tokens)
-    uncond_kv = pipe.encode_text_kv("", config.max_text_tokens) if guidance != 1.0 else None
-    condition = torch.cat([engine.encode_reference(media.load_image(reference)),
-                           engine.encode_garment(media.load_image(garment))], dim=2)
+    reference_latent = engine.encode_reference(media.load_image(reference))
+    condition = torch.cat([reference_latent, engine.encode_garment(media.load_image(garment))], dim=2)
+    uncond_kv, uncond_condition = cond_kv, condition  # the unconditional branch drops the text or the garment
+    if config.guidance_condition == "garment":
+        blank = engine.encode_garment(media.blank_garment(config.width, config.height))
+        uncond_condition = torch.cat([reference_latent, blank], dim=2)
+    else:
+        uncond_kv = pipe.encode_text_kv("", config.max_text_tokens)
     frames = config.teacher_latent_frames
     generator = torch.Generator(device=engine.device).manual_seed(seed)
     shape = (1, engine.codec.latent_channels, frames, engine.latent_height, engine.latent_width)
@@ -450,8 +463,9 @@ def sample_bidirectional(
         inputs = torch.cat([condition, x.to(engine.dtype)], dim=2)
         timestep = embedding_timesteps(frame_t)
         velocity = model(inputs, timestep, text_kv=cond_kv).sample[:, :, CONDITION_FRAMES:].float()
-        if uncond_kv is not None:
-            uncond = model(inputs, timestep, text_kv=uncond_kv).sample[:, :, CONDITION_FRAMES:].float()
+        if guidance != 1.0:
+            uncond_inputs = torch.cat([uncond_condition, x.to(engine.dtype)], dim=2)
+            uncond = model(uncond_inputs, timestep, text_kv=uncond_kv).sample[:, :, CONDITION_FRAMES:].float()
             velocity = uncond + guidance * (velocity - uncond)
         x = scheduler.step(velocity, t, x).prev_sample
     return media.tensor_to_frames(engine.codec.decode_video(x.to(engine.dtype)))

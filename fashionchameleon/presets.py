@@ -2,6 +2,7 @@
 
 | preset          | weights                                                  | runs on        |
 |-----------------|----------------------------------------------------------|----------------|
+| `mini`          | trained on the mini wardrobe world (`assets/mini`)       | CPU, real time |
 | `tiny`          | the real architecture at a tiny size, random and seeded  | CPU, seconds   |
 | `wan22-ti2v-5b` | Wan2.2-TI2V-5B base + FashionChameleon transformer       | one GPU, bf16  |
 """
@@ -44,6 +45,7 @@ class StreamConfig:
     teacher_steps: int = 50
     teacher_guidance: float = 3.0
     teacher_latent_frames: int = 21
+    guidance_condition: str = "text"  # what the teacher's unconditional branch drops: "text" or "garment"
 
     @property
     def window(self) -> WindowPolicy:
@@ -99,6 +101,46 @@ def build_tiny(seed: int = 0, **_: object) -> FashionChameleonPipeline:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
     pipe = FashionChameleonPipeline(tokenizer, text_encoder, transformer.eval(), vae.eval(), scheduler)
     return pipe
+
+
+# -- mini: trained in the mini wardrobe world (issue 7), the default on a CPU ---------------------------------
+MINI_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48, out_channels=48,
+    text_dim=32, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    prediction_type="sample",
+)
+MINI_CODEC = dict(factor=4)  # exact 4x4 space-to-depth: 64x48 frames -> 48 x 16 x 12 latents, 48 tokens a frame
+MINI_STREAM = StreamConfig(
+    height=64, width=48, history_frames=6,  # window = 3 sink + 6 history = the 9 frames a training clip has
+    max_text_tokens=8, fps=12, teacher_steps=25, teacher_guidance=2.5, teacher_latent_frames=9,
+    guidance_condition="garment",  # the world has no captions: guidance drops the garment instead of the text
+)
+MINI_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "mini"
+MINI_TEACHER = MINI_WEIGHTS.parent / "mini-teacher"  # the stage-1 teacher's transformer (eval's teacher rows)
+MINI_STATS_CLIPS = 64  # miniworld clips whose frames set the codec's channel normalisation
+
+
+def build_mini(checkpoint: str | os.PathLike | None = None, random_weights: bool = False, seed: int = 0,
+               **_: object) -> FashionChameleonPipeline:
+    """The `mini` preset: the shipped weights in `assets/mini` (or a `checkpoint` pipeline folder), or with
+    `random_weights` the untrained architecture that `configs/mini.yaml` trains (codec normalised on the world)."""
+    if not random_weights:
+        return load_saved_pipeline(checkpoint or MINI_WEIGHTS)
+    from .media import image_to_tensor
+    from .miniworld import make_triplet
+    from .models.text import tiny_text_stack
+    from .models.vae import AutoencoderPixelShuffle
+
+    tokenizer, text_encoder = tiny_text_stack(seed=seed, d_model=MINI_TRANSFORMER["text_dim"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = CausalWanTransformer3DModel(**MINI_TRANSFORMER)
+    codec = AutoencoderPixelShuffle(**MINI_CODEC)
+    frames = [make_triplet(seed * MINI_STATS_CLIPS + i, 1, MINI_STREAM.height, MINI_STREAM.width).video[0]
+              for i in range(MINI_STATS_CLIPS)]
+    codec.fit_channel_stats(torch.stack([image_to_tensor(f) for f in frames], dim=1)[None])
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
+    return FashionChameleonPipeline(tokenizer, text_encoder, transformer.eval(), codec.eval(), scheduler)
 
 
 # -- wan22-ti2v-5b: the paper's model ---------------------------------------------------------------------
@@ -184,12 +226,14 @@ def _random_full_size(dtype: torch.dtype) -> FashionChameleonPipeline:
 
 
 PRESETS: dict[str, Preset] = {
+    "mini": Preset("mini", "trained on the mini wardrobe world (64x48, 12 fps; real garment switching on a CPU)",
+                   MINI_STREAM, build_mini),
     "tiny": Preset("tiny", "tiny random-weight Wan2.2 (real architecture; output is noise by design)",
                    TINY_STREAM, build_tiny, random_weights=True),
     "wan22-ti2v-5b": Preset("wan22-ti2v-5b", "FashionChameleon on Wan2.2-TI2V-5B (1280x704, bf16)",
                             WAN22_STREAM, build_wan22),
 }
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "mini"
 
 
 def get_preset(name: str) -> Preset:
@@ -209,7 +253,7 @@ def load_preset(
     `save_pretrained` replaces the preset's built-in weights for `tiny`."""
     preset = get_preset(name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if name == "tiny" and checkpoint is not None:
+    if name == "tiny" and checkpoint is not None:  # `mini` reads its `checkpoint` folder itself
         pipe = load_saved_pipeline(checkpoint)
     else:
         pipe = preset.load(checkpoint=checkpoint, **kwargs)

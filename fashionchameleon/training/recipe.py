@@ -1,0 +1,70 @@
+"""All three stages from one file: `python -m fashionchameleon train all --config configs/mini.yaml`.
+
+A recipe file holds `output_dir`, `export` (where the final student pipeline goes), `shared` (keys every stage
+gets) and one section per stage (`teacher`, `forcing`, `dmd`) over that stage's defaults. The runner chains the
+weights as the paper does: forcing starts from the teacher, DMD's generator from forcing and its real score and
+critic from the teacher. Each stage resumes from its own checkpoints, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserInputError
+from .config import STAGES, TrainConfig, config_from_dict
+
+RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", *STAGES}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
+    """(the recipe's top-level keys, one config per stage in training order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserInputError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or set(raw) - RECIPE_KEYS or not set(STAGES) <= set(raw) or "output_dir" not in raw:
+        raise UserInputError(f"{path} must hold output_dir, {', '.join(STAGES)} (and optionally export, "
+                             f"teacher_export, shared); found: {', '.join(map(str, raw)) or 'nothing'}")
+    out = Path(raw["output_dir"])
+    trained = {stage: str(out / stage / "transformer") for stage in STAGES}
+    chained = {"teacher": {}, "forcing": {"model": {"init": trained["teacher"]}},
+               "dmd": {"model": {"init": trained["forcing"], "teacher": trained["teacher"]},
+                       "export_pipeline": True}}
+    configs = []
+    for stage in STAGES:
+        values = _merge(_merge(raw.get("shared") or {}, raw[stage] or {}), chained[stage])
+        configs.append(config_from_dict(stage, {**values, "output_dir": str(out / stage)}))
+    return raw, configs
+
+
+def run_recipe(path: str | Path) -> Path:
+    """Train every stage in order (a finished stage is not retrained), copy the exports; returns the student."""
+    from .trainer import TRANSFORMER_EXPORT, PIPELINE_EXPORT, Trainer
+
+    raw, configs = load_recipe(path)
+    for config in configs:
+        done = Path(config.output_dir) / TRANSFORMER_EXPORT / "config.json"
+        if not done.is_file():
+            Trainer(config).train()
+    student = Path(configs[-1].output_dir) / PIPELINE_EXPORT
+    if raw.get("export"):
+        shutil.copytree(student, raw["export"], dirs_exist_ok=True)
+        student = Path(raw["export"])
+    if raw.get("teacher_export"):
+        shutil.copytree(Path(configs[0].output_dir) / TRANSFORMER_EXPORT, raw["teacher_export"], dirs_exist_ok=True)
+    return student
