@@ -45,8 +45,14 @@ PHOTO_HEIGHT, NEXT_GARMENT_HEIGHT, WARDROBE_HEIGHT = 280, 200, 190
 CACHE_SWEEP = (3600, 3600)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-REFERENCE = ASSETS / "reference.png"
-GARMENTS = sorted(ASSETS.glob("garment_*.png"))
+#: Example inputs per preset: `mini` only knows its wardrobe world, the others take photos.
+EXAMPLES = {"mini": ASSETS / "world"}
+
+
+def examples(preset: str) -> tuple[Path, list[Path]]:
+    """(reference photo, wardrobe garments) shown for `preset`."""
+    folder = EXAMPLES.get(preset, ASSETS)
+    return folder / "reference.png", sorted(folder.glob("garment_*.png"))
 
 CSS = """
 #video video { max-height: 70vh; }
@@ -86,6 +92,9 @@ def banner(service: StreamService) -> str:
     if preset.random_weights:
         text += ("\n\n> This preset has **random weights**: the video is noise by design. It exercises the whole "
                  "streaming path (chunks, garment switching, pacing) without a trained model.")
+    if preset.name in EXAMPLES:
+        text += ("\n\n> This model was trained only on the **mini wardrobe world** (small procedural people and "
+                 "flat-lay tees): start from the examples below; photos of real people come out as that world.")
     return text
 
 
@@ -133,8 +142,10 @@ def build_demo(service: StreamService, streams: int = DEFAULT_STREAMS) -> gr.Blo
     def close_session(request: gr.Request) -> None:
         service.close_session(request.session_hash)
 
+    example_reference, garments = examples(service.preset.name)
+
     def pick_garment(event: gr.SelectData) -> str:
-        return str(GARMENTS[event.index])
+        return str(garments[event.index])
 
     with gr.Blocks(title="FashionChameleon", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(banner(service), elem_id="banner")
@@ -160,13 +171,13 @@ def build_demo(service: StreamService, streams: int = DEFAULT_STREAMS) -> gr.Blo
                 chunk_file = gr.File(label="Latest chunk (mp4)", visible=False, elem_id="chunk-file")
                 gr.Markdown("**Wardrobe**: pick a garment or upload one, then switch while the video plays.")
                 with gr.Group():
-                    wardrobe = gr.Gallery([(str(g), garment_name(g)) for g in GARMENTS], show_label=False,
-                                          columns=len(GARMENTS), rows=1, height=WARDROBE_HEIGHT, object_fit="contain",
+                    wardrobe = gr.Gallery([(str(g), garment_name(g)) for g in garments], show_label=False,
+                                          columns=len(garments), rows=1, height=WARDROBE_HEIGHT, object_fit="contain",
                                           allow_preview=False, elem_id="wardrobe")
                     next_garment = gr.Image(label="Next garment", type="filepath", elem_id="next-garment",
                                                height=NEXT_GARMENT_HEIGHT)
                     switch_button = gr.Button("Switch garment", elem_id="switch")
-        gr.Examples([[str(REFERENCE), str(g)] for g in GARMENTS], [reference, garment],
+        gr.Examples([[str(example_reference), str(g)] for g in garments], [reference, garment],
                     label="Examples (run on the loaded model)")
 
         generate_button.click(generate, [reference, garment, prompt, chunks, seed], [video, chunk_file, status],

@@ -7,6 +7,8 @@ gives the same pixels (and, with the same Pillow, the same bytes). Writes next t
 * ``garment_red_stripes.png``  flat-lay tee on white, square 512x512
 * ``garment_blue_checks.png``  same silhouette, gingham checks
 * ``garment_green_dots.png``   same silhouette, polka dots
+* ``world/``                   the `mini` preset's examples: a held-out person and garments of the mini wardrobe
+                               world (the only inputs that model knows), drawn by `fashionchameleon.miniworld`
 
 Shapes are drawn at 2x and downsampled (anti-aliasing), then reduced to a small palette so each
 PNG stays a few tens of KB.
@@ -191,6 +193,34 @@ def draw_garment(pattern: Image.Image, outline: tuple[int, int, int]) -> Image.I
     return _finish(canvas, GARMENT_SIZE)
 
 
+WORLD_CLIP = 3  # held-out evaluation clip whose person and garments the `mini` examples show
+WORLD_EXTRA_GARMENTS = (5, 8)  # held-out clips lending one more garment each
+WORLD_UPSCALE = 4  # nearest-neighbour, so the 64x48 world images are visible in the app and resize back exactly
+
+
+def write_world_examples() -> list[Path]:
+    """`world/reference.png` and `world/garment_*.png` at WORLD_UPSCALE x the `mini` frame size."""
+    from fashionchameleon.miniworld.evaluate import held_out_clip
+    from fashionchameleon.presets import MINI_STREAM
+
+    height, width = MINI_STREAM.height, MINI_STREAM.width
+    folder = OUT_DIR / "world"
+    folder.mkdir(exist_ok=True)
+
+    def save(image, name: str) -> Path:
+        big = Image.fromarray(image).resize((width * WORLD_UPSCALE, height * WORLD_UPSCALE), Image.Resampling.NEAREST)
+        big.save(folder / name, format="PNG", optimize=True)
+        return folder / name
+
+    clip = held_out_clip(WORLD_CLIP, 1, 1, height, width)
+    garments = [clip.garment, clip.switch_garment] + [held_out_clip(i, 1, 1, height, width).garment
+                                                      for i in WORLD_EXTRA_GARMENTS]
+    written = [save(clip.reference, "reference.png")]
+    for garment in garments:
+        written.append(save(garment.flat_lay((height, width)), f"garment_{garment.pattern}_{len(written)}.png"))
+    return written
+
+
 def main() -> list[Path]:
     rng = random.Random(SEED)
     written = [_save(draw_reference(rng), "reference.png")]
@@ -200,7 +230,7 @@ def main() -> list[Path]:
         ("garment_green_dots.png", _pattern_dots, (24, 90, 44)),
     ):
         written.append(_save(draw_garment(pattern(rng), outline), name))
-    return written
+    return written + write_world_examples()
 
 
 if __name__ == "__main__":

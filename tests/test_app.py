@@ -26,8 +26,9 @@ from fashionchameleon import media
 from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STREAMING, SWITCHING, StreamService
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = str(app.REFERENCE)
-GARMENT, NEXT_GARMENT = (str(p) for p in app.GARMENTS[:2])
+EXAMPLE_REFERENCE, EXAMPLE_GARMENTS = app.examples("tiny")
+REFERENCE = str(EXAMPLE_REFERENCE)
+GARMENT, NEXT_GARMENT = (str(p) for p in EXAMPLE_GARMENTS[:2])
 #: Streams long enough to act on mid-way, short enough to keep the suite quick (0.5 s of video per chunk).
 MID_STREAM = 10
 #: Chunks the producer may have made beyond the last one Gradio took: the queue, plus one being made.

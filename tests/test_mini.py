@@ -186,3 +186,13 @@ def test_cli_eval_writes_json_and_bad_modes_are_one_line(tmp_path):
     assert good.returncode == 0, good.stderr
     result = json.loads(out.read_text())
     assert result["preset"] == "mini" and {"ground_truth", "student/full", "teacher", "student"} <= set(result["rows"])
+
+
+def test_app_offers_world_examples_for_mini():
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    reference, garments = app.examples("mini")
+    assert reference.parent.name == "world" and reference.is_file() and len(garments) >= 3
+    assert all(Image.open(g).size == (MINI_STREAM.width * 4, MINI_STREAM.height * 4) for g in garments)
+    assert app.examples("tiny")[0] == ROOT / "assets" / "reference.png"
