@@ -148,10 +148,10 @@ def evaluate(pipe, stream_config, config: EvalConfig = EvalConfig(), teacher=Non
             "rows": {name: _mean(values) for name, values in rows.items()}}
 
 
-COLUMNS = (("garment_score", "garment A", ".3f"), ("garment_score_after", "garment C after", ".3f"),
-           ("follows_new_garment", "follows C", ".0%"), ("identity_score", "identity", ".3f"),
-           ("continuity", "continuity", ".2f"), ("second_difference", "2nd diff", ".4f"),
-           ("background_flicker", "bg flicker", ".4f"))
+COLUMNS = (("garment_colour_error", "colour err. A", ".1f"), ("garment_colour_error_after", "colour err. C after", ".1f"),
+           ("follows_new_garment", "follows C", ".0%"), ("garment_score", "garment score A", ".3f"),
+           ("identity_score", "identity", ".3f"), ("continuity", "continuity", ".2f"),
+           ("second_difference", "2nd diff", ".4f"), ("background_flicker", "bg flicker", ".4f"))
 
 
 def format_results(result: dict) -> str:
