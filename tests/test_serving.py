@@ -193,14 +193,15 @@ service = StreamService.load("tiny", device="cpu")
 demo = app.build_demo(service)
 _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)
 connection = Client(url, verbose=False, download_files=False)
-job = connection.submit(handle_file(str(app.REFERENCE)), handle_file(str(app.GARMENTS[0])), "", {chunks}, 0,
+reference, garments = app.examples("tiny")
+job = connection.submit(handle_file(str(reference)), handle_file(str(garments[0])), "", {chunks}, 0,
                         api_name="/generate")
 result = {"statuses": [], "threads_in_server": 0}
 for i, (_, _, status) in enumerate(job):
     result["statuses"].append(status)
     result["threads_in_server"] = max(result["threads_in_server"], len(service._threads))
     if i == 3:
-        reply = connection.predict(handle_file(str(app.GARMENTS[1])), api_name="/switch_garment")
+        reply = connection.predict(handle_file(str(garments[1])), api_name="/switch_garment")
         result["switched_after"] = reply["chunk"]
     if i == 8:
         result["stopped_after"] = connection.predict(api_name="/stop")["chunk"]
