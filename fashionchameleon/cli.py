@@ -169,10 +169,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if teacher_path != "none" and not (Path(teacher_path) / "config.json").is_file():
         raise UserInputError(f"--teacher {teacher_path} is not a transformer folder (no config.json)")
     config = EvalConfig(clips=args.clips, chunks=args.chunks, switch_chunk=args.switch_chunk, modes=modes,
-                        teacher=teacher_path != "none", seed=args.seed)
+                        seed=args.seed)
     preset, pipe = _load(args)
     teacher = None
-    if config.teacher:
+    if teacher_path != "none":
         teacher = CausalWanTransformer3DModel.from_pretrained(teacher_path).to(pipe.device, pipe.transformer.dtype)
     result = evaluate(pipe, preset.stream, config, teacher=teacher, progress=True)
     result["preset"] = preset.name

@@ -144,7 +144,7 @@ def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path
 @pytest.fixture(scope="module")
 def shipped_eval():
     _, pipe = load_preset("mini", device="cpu")
-    return evaluate(pipe, MINI_STREAM, EvalConfig(clips=6, teacher=False))["rows"]
+    return evaluate(pipe, MINI_STREAM, EvalConfig(clips=6))["rows"]
 
 
 def test_eval_ground_truth_is_perfect_and_the_reference_copy_is_not(shipped_eval):

@@ -38,7 +38,6 @@ class EvalConfig:
     chunks: int = 8  # streamed chunks per clip
     switch_chunk: int = 4  # the switch to C is requested before this chunk
     modes: tuple[str, ...] = tuple(mode.value for mode in SwitchMode)
-    teacher: bool = True  # also run the teacher-vs-student comparison (needs teacher weights)
     seed: int = 0
 
 
