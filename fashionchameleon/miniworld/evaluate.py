@@ -100,6 +100,13 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _switch_timing(engine: StreamingEngine, chunks: int, switch_chunk: int) -> tuple[int, int]:
+    """(first pixel frame after a switch requested before chunk `switch_chunk`, pixel frames of `chunks` chunks)."""
+    codec, chunk = engine.codec, engine.config.chunk_frames
+    switch_frame = codec.pixel_frames(chunk, first=True) + codec.pixel_frames(chunk * (switch_chunk - 1), first=False)
+    return switch_frame, switch_frame + codec.pixel_frames(chunk * (chunks - switch_chunk), first=False)
+
+
 def _stream(engine: StreamingEngine, clip: Clip, chunks: int, seed: int,
             switches: dict[int, Image.Image]) -> np.ndarray:
     reference, garment, _ = clip.images
@@ -116,11 +123,8 @@ def evaluate(pipe, stream_config, config: EvalConfig = EvalConfig(), teacher=Non
     if not 1 <= config.switch_chunk < config.chunks:
         raise UserInputError(f"switch_chunk must lie in 1 .. chunks-1, got {config.switch_chunk} of {config.chunks}")
     engines = {mode: StreamingEngine(pipe, stream_config, switch_mode=mode) for mode in config.modes}
-    codec = next(iter(engines.values())).codec
     chunk = stream_config.chunk_frames
-    switch_frame = codec.pixel_frames(chunk, first=True) + codec.pixel_frames(chunk * (config.switch_chunk - 1),
-                                                                              first=False)
-    frames = switch_frame + codec.pixel_frames(chunk * (config.chunks - config.switch_chunk), first=False)
+    switch_frame, frames = _switch_timing(next(iter(engines.values())), config.chunks, config.switch_chunk)
     rows: dict[str, list[dict[str, float]]] = {}
     for index in tqdm(range(config.clips), disable=not progress, unit="clip"):
         clip = held_out_clip(index, frames, switch_frame, stream_config.height, stream_config.width)
@@ -168,9 +172,7 @@ def example_strip(pipe, stream_config, index: int = 0, chunks: int = 8, switch_c
     """uint8 image: inputs (reference, garment A, garment C) then every `every`-th streamed frame of a switch,
     above the same frames of the ground truth, for the README and the model card."""
     engine = StreamingEngine(pipe, stream_config)
-    codec, chunk = engine.codec, stream_config.chunk_frames
-    switch_frame = codec.pixel_frames(chunk, first=True) + codec.pixel_frames(chunk * (switch_chunk - 1), first=False)
-    frames = switch_frame + codec.pixel_frames(chunk * (chunks - switch_chunk), first=False)
+    switch_frame, frames = _switch_timing(engine, chunks, switch_chunk)
     clip = held_out_clip(index, frames, switch_frame, stream_config.height, stream_config.width)
     video = _stream(engine, clip, chunks, seed, {switch_chunk: clip.images[2]})
     inputs = [np.asarray(image) for image in clip.images]

@@ -16,6 +16,7 @@ import yaml
 
 from ..errors import UserInputError
 from .config import STAGES, TrainConfig, config_from_dict
+from .trainer import PIPELINE_EXPORT, TRANSFORMER_EXPORT, Trainer
 
 RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", *STAGES}
 
@@ -41,7 +42,7 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
         raise UserInputError(f"{path} must hold output_dir, {', '.join(STAGES)} (and optionally export, "
                              f"teacher_export, shared); found: {', '.join(map(str, raw)) or 'nothing'}")
     out = Path(raw["output_dir"])
-    trained = {stage: str(out / stage / "transformer") for stage in STAGES}
+    trained = {stage: str(out / stage / TRANSFORMER_EXPORT) for stage in STAGES}
     chained = {"teacher": {}, "forcing": {"model": {"init": trained["teacher"]}},
                "dmd": {"model": {"init": trained["forcing"], "teacher": trained["teacher"]},
                        "export_pipeline": True}}
@@ -54,8 +55,6 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
 
 def run_recipe(path: str | Path) -> Path:
     """Train every stage in order (a finished stage is not retrained), copy the exports; returns the student."""
-    from .trainer import TRANSFORMER_EXPORT, PIPELINE_EXPORT, Trainer
-
     raw, configs = load_recipe(path)
     for config in configs:
         done = Path(config.output_dir) / TRANSFORMER_EXPORT / "config.json"
