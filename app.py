@@ -1,14 +1,14 @@
 """FashionChameleon Space: stream a try-on video and switch the garment while it plays.
 
-Wiring only (STYLE.md §5.6): components, events with chosen API names, queue and concurrency groups, examples.
-Streams, the per-session mailbox, pacing and cleanup live in `fashionchameleon.serving`; the model in
-`fashionchameleon.engine`.
+Wiring only: components, events with chosen API names, queue and concurrency groups, examples. Streams, the
+per-session mailbox, pacing and cleanup live in `fashionchameleon.serving`; the model in `fashionchameleon.engine`;
+what the page offers for a model (examples, streams at once, default length) in its preset.
 
 Environment:
   FASHIONCHAMELEON_PRESET      model preset (default: the package default)
   FASHIONCHAMELEON_CHECKPOINT  weights for that preset
   FASHIONCHAMELEON_PACING      playback speed output is paced to (1 = real time, 0 = no pacing)
-  FASHIONCHAMELEON_STREAMS     streams generated at once (model calls interleave chunk by chunk)
+  FASHIONCHAMELEON_STREAMS     streams generated at once (default: the preset's; model calls interleave by chunk)
   GRADIO_SERVER_NAME / GRADIO_SERVER_PORT   where to listen (default 127.0.0.1:7860)
 
 API (gradio_client; one Client is one session):
@@ -31,28 +31,14 @@ from fashionchameleon.serving import IDLE, StreamService
 PRESET_ENV = "FASHIONCHAMELEON_PRESET"
 PACING_ENV = "FASHIONCHAMELEON_PACING"
 STREAMS_ENV = "FASHIONCHAMELEON_STREAMS"
-#: Two streams at once keep two visitors live on the tiny preset; on one GPU with a large model use 1.
-DEFAULT_STREAMS = 2
 #: Requests allowed to wait for a free stream; ZeroGPU silently makes an unset queue size 1.
 QUEUE_SIZE = 16
-#: Eight seconds of video with 0.5 s chunks (12 frames at 24 fps).
-DEFAULT_CHUNKS = 16
 #: Photos larger than this are refused at upload (decompression bombs are caught later, by pixel count).
 MAX_UPLOAD = "20mb"
 #: Pixel heights that keep the page on one phone screen per column.
 PHOTO_HEIGHT, NEXT_GARMENT_HEIGHT, WARDROBE_HEIGHT = 280, 200, 190
 #: Gradio's cache (uploads and per-chunk files) is swept every hour of files older than an hour.
 CACHE_SWEEP = (3600, 3600)
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-#: Example inputs per preset: `mini` only knows its wardrobe world, the others take photos.
-EXAMPLES = {"mini": ASSETS / "world"}
-
-
-def examples(preset: str) -> tuple[Path, list[Path]]:
-    """(reference photo, wardrobe garments) shown for `preset`."""
-    folder = EXAMPLES.get(preset, ASSETS)
-    return folder / "reference.png", sorted(folder.glob("garment_*.png"))
 
 CSS = """
 #video video { max-height: 70vh; }
@@ -92,14 +78,15 @@ def banner(service: StreamService) -> str:
     if preset.random_weights:
         text += ("\n\n> This preset has **random weights**: the video is noise by design. It exercises the whole "
                  "streaming path (chunks, garment switching, pacing) without a trained model.")
-    if preset.name in EXAMPLES:
-        text += ("\n\n> This model was trained only on the **mini wardrobe world** (small procedural people and "
-                 "flat-lay tees): start from the examples below; photos of real people come out as that world.")
+    if preset.serving.notice:
+        text += f"\n\n> {preset.serving.notice}"
     return text
 
 
-def build_demo(service: StreamService, streams: int = DEFAULT_STREAMS) -> gr.Blocks:
-    """The page; `streams` is how many sessions may generate at once."""
+def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
+    """The page; `streams` is how many sessions may generate at once (default: the preset's)."""
+    serving = service.preset.serving
+    streams = streams or serving.streams
     gpu_produce = spaces.GPU(duration=service.gpu_duration)(service.produce)
 
     def generate(reference: dict, garment: dict, prompt: str, chunks: int, seed: int, request: gr.Request):
@@ -142,7 +129,7 @@ def build_demo(service: StreamService, streams: int = DEFAULT_STREAMS) -> gr.Blo
     def close_session(request: gr.Request) -> None:
         service.close_session(request.session_hash)
 
-    example_reference, garments = examples(service.preset.name)
+    example_reference, garments = service.preset.example_inputs()
 
     def pick_garment(event: gr.SelectData) -> str:
         return str(garments[event.index])
@@ -157,7 +144,7 @@ def build_demo(service: StreamService, streams: int = DEFAULT_STREAMS) -> gr.Blo
                 prompt = gr.Textbox(label="Prompt (motion and scene)", max_length=service.max_prompt_chars,
                                     placeholder="a person turns slowly, studio light", elem_id="prompt")
                 with gr.Row():
-                    chunks = gr.Slider(1, service.max_chunks, value=min(DEFAULT_CHUNKS, service.max_chunks), step=1,
+                    chunks = gr.Slider(1, service.max_chunks, value=min(serving.chunks, service.max_chunks), step=1,
                                        label=f"Length in chunks ({service.chunk_seconds:g} s each)", elem_id="chunks")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 with gr.Row():
@@ -202,7 +189,8 @@ def main() -> None:
                                      pacing=float(os.environ.get(PACING_ENV, "1")))
     except UserInputError as error:
         raise SystemExit(f"error: {error}") from None
-    demo = build_demo(service, streams=int(os.environ.get(STREAMS_ENV, DEFAULT_STREAMS)))
+    streams = os.environ.get(STREAMS_ENV)
+    demo = build_demo(service, streams=int(streams) if streams else None)
     try:
         demo.launch(**LAUNCH_OPTIONS)
     finally:

@@ -1,4 +1,8 @@
-"""`bench`: stream speed and the two baselines, measured side by side in one run on one preset."""
+"""`bench`: stream speed and the two baselines, measured side by side in one run on one preset.
+
+The baselines: *recompute* (`RecomputeRollout`: no K/V kept, every pass re-runs the visible context under the
+block-causal mask) and *bidirectional* (the teacher's sampler: the whole clip at once, many steps with guidance).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,66 @@ import time
 import torch
 from PIL import Image
 
-from .engine import StreamingEngine, sample_bidirectional
+from .engine import StreamingEngine
+from .models.causal_wan import TextKV, block_causal_mask
+from .models.kv_cache import KVSlot
 from .pipeline import FashionChameleonPipeline
-from .presets import StreamConfig
+from .rollout import Rollout, StreamConfig
+from .teacher import TeacherSampling, sample_bidirectional
 
 logger = logging.getLogger(__name__)
+
+
+class RecomputeRollout(Rollout):
+    """The rollout without a KV cache: each pass runs [visible clean context ; latents] under the block-causal
+    mask and keeps the last frames. The cache is used for bookkeeping only (which frames stay visible).
+
+    Each stored frame carries the id of the call that wrote it, so context frames see exactly what they saw when
+    they were committed; outputs equal the cached rollout's until the window starts evicting (then the cache holds
+    K/V computed with frames that are no longer visible, which recompute cannot see).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        # Clean latents of the cached frames by slot: (latent [B, C, 1, h, w], RoPE position, call id).
+        self._context: dict[KVSlot, list[tuple[torch.Tensor, int, int]]] = {slot: [] for slot in KVSlot}
+        self._group = 0
+        super().__init__(*args, **kwargs)
+
+    def withdraw_history_kv(self) -> None:
+        super().withdraw_history_kv()
+        self._context[KVSlot.SINK].clear()
+        self._context[KVSlot.HISTORY].clear()
+
+    def _forward(self, latents, t, positions, write=None, read=None) -> torch.Tensor:
+        n, batch = len(positions), latents.shape[0]
+        self.cache.plan(positions, write=write, read=read)
+        context = [frame for slot in (tuple(KVSlot) if read is None else read) for frame in self._visible(slot)]
+        frames = torch.cat([latent for latent, _, _ in context] + [latents], dim=2)
+        t = torch.as_tensor(t, device=latents.device, dtype=torch.float32).reshape(1)
+        timestep = torch.cat([torch.zeros(len(context), device=latents.device), t.expand(n)]).expand(batch, -1)
+        ids = [group for _, _, group in context] + [self._group] * n
+        mask = block_causal_mask(ids, self.cache.frame_tokens, device=latents.device)
+        frame_positions = [pos for _, pos, _ in context] + positions
+        text = {"text_kv": self.text} if isinstance(self.text, TextKV) else {"encoder_hidden_states": self.text}
+        out = self.model(frames, timestep, frame_positions=frame_positions, attention_mask=mask, **text)
+        if write is not None:
+            for i, slot in enumerate([write] * n if isinstance(write, KVSlot) else write):
+                if slot in (KVSlot.REFERENCE, KVSlot.GARMENT):
+                    self._context[slot].clear()
+                self._context[slot].append((latents[:, :, i : i + 1], positions[i], self._group))
+            self._group += 1
+        return out.sample[:, :, -n:]
+
+    def _visible(self, slot: KVSlot) -> list[tuple[torch.Tensor, int, int]]:
+        kept = self.cache.positions(slot)
+        self._context[slot] = [frame for frame in self._context[slot] if frame[1] in kept]
+        return self._context[slot]
+
+
+class RecomputeEngine(StreamingEngine):
+    """Streams on `RecomputeRollout`: the same chunks at the cost of keeping no K/V."""
+
+    rollout_class = RecomputeRollout
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -38,19 +97,22 @@ def _stream_seconds(engine: StreamingEngine, reference, garment, prompt, chunks,
 
 def run_bench(
     pipe: FashionChameleonPipeline,
-    stream_config: StreamConfig,
+    teacher: TeacherSampling,
     reference: Image.Image,
     garments: list[Image.Image],
     *,
+    stream: StreamConfig | None = None,
     prompt: str = "a person walks forward and turns around",
     chunks: int = 40,
     switch_every: int = 0,
     baseline_chunks: int = 10,
     bidirectional_steps: int | None = None,
 ) -> dict:
-    """Measure a stream of `chunks` chunks and, on the same preset in the same run, the recompute and the
-    bidirectional baselines. `bidirectional_steps` < teacher_steps times a few steps and scales linearly
-    (every teacher step costs the same); the JSON says when that was done."""
+    """Measure a stream of `chunks` chunks (`stream`: the pipeline's settings unless given) and, on the same model in
+    the same run, the recompute and the bidirectional baselines (the latter sampled as `teacher` says, on the
+    student's weights). `bidirectional_steps` < teacher.steps times a few steps and scales linearly (every teacher
+    step costs the same); the JSON says when that was done."""
+    stream_config = stream or pipe.stream
     device = pipe.transformer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -59,7 +121,8 @@ def run_bench(
     # Warm-up (allocator, lazy init, kernels) so the first measured chunk is not a start-up artefact.
     list(engine.start(reference, garment, prompt, chunks=1))
 
-    stamps, chunk_list, stream = _stream_seconds(engine, reference, garment, prompt, chunks, switch_every, switch_images)
+    stamps, chunk_list, streamed = _stream_seconds(engine, reference, garment, prompt, chunks, switch_every,
+                                                   switch_images)
     frames = sum(len(c.frames) for c in chunk_list)
     chunk_s = [c.timings["transformer"] + c.timings["decode"] for c in chunk_list]
     dit_s = sum(c.timings["transformer"] for c in chunk_list)
@@ -67,7 +130,7 @@ def run_bench(
 
     # Baseline 1: no KV cache, every pass re-runs the visible context (same window, same chunks).
     m = min(baseline_chunks, chunks)
-    recompute = StreamingEngine(pipe, stream_config, use_kv_cache=False, profile=True)
+    recompute = RecomputeEngine(pipe, stream_config, profile=True)
     _, recompute_chunks, _ = _stream_seconds(recompute, reference, garment, prompt, m, 0, switch_images)
     cached_dit = sum(c.timings["transformer"] for c in chunk_list[:m])
     recompute_dit = sum(c.timings["transformer"] for c in recompute_chunks)
@@ -78,10 +141,11 @@ def run_bench(
     steady = chunk_s[full_from : full_from + 6] or chunk_s
 
     # Baseline 2: the teacher-style sampler, the whole clip at once, CFG, teacher_steps steps.
-    steps = stream_config.teacher_steps if bidirectional_steps is None else min(bidirectional_steps, stream_config.teacher_steps)
+    steps = teacher.steps if bidirectional_steps is None else min(bidirectional_steps, teacher.steps)
     bi_start = time.perf_counter()
-    clip = sample_bidirectional(engine, reference, garment, prompt, steps=steps)
-    bi_seconds = (time.perf_counter() - bi_start) * stream_config.teacher_steps / steps
+    clip = sample_bidirectional(pipe, pipe.transformer, teacher, reference, garment, prompt, stream=stream_config,
+                                steps=steps)
+    bi_seconds = (time.perf_counter() - bi_start) * teacher.steps / steps
     bi_fps = clip.shape[0] / bi_seconds
 
     fps = frames / stamps[-1]
@@ -108,7 +172,7 @@ def run_bench(
         "switch_ms_median": statistics.median(switch_s) * 1000 if switch_s else None,
         "switch_fraction_of_chunk": statistics.median(switch_s) / statistics.median(chunk_s) if switch_s else None,
         "peak_memory_mb": _peak_memory_mb(device),
-        "kv_cache_mb": stream.cache.nbytes / 2**20,
+        "kv_cache_mb": streamed.rollout.cache.nbytes / 2**20,
         "baseline_chunks": m,
         "speedup_vs_recompute": recompute_dit / cached_dit,
         "speedup_vs_recompute_end_to_end": recompute_total / sum(chunk_s[:m]),

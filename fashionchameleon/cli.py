@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--switch-chunk", type=_positive, default=4, help="switch garments before this chunk")
     ev.add_argument("--modes", default="refresh,refresh+withdraw,full", help="switching modes, comma-separated")
     ev.add_argument("--teacher", help="teacher transformer folder for the teacher-vs-student rows "
-                                      "(mini: assets/mini-teacher; 'none' skips them)")
+                                      "(default: the preset's shipped teacher; 'none' skips them)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the results here")
     ev.add_argument("--strip", help="also write a PNG strip of one switch (inputs, streamed frames, ground truth)")
@@ -100,11 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from .presets import load_preset
 
-    kwargs = {"base": args.base} if args.base else {}
-    if getattr(args, "random_weights", False):
-        kwargs["random_weights"] = True
-    preset, pipe = load_preset(args.preset, checkpoint=args.checkpoint, device=args.device, **kwargs)
-    if preset.random_weights or kwargs.get("random_weights"):
+    random_weights = getattr(args, "random_weights", False)
+    preset, pipe = load_preset(args.preset, checkpoint=args.checkpoint, device=args.device, base=args.base,
+                               random_weights=random_weights)
+    if preset.random_weights or random_weights:
         logger.warning("preset %s has random weights: the video is noise by design", preset.name)
     return preset, pipe
 
@@ -122,13 +121,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         raise UserInputError(f"--output must end in .mp4, got {args.output}")
-    preset, pipe = _load(args)
-    engine = StreamingEngine(pipe, preset.stream, switch_mode=args.switch_mode)
+    _, pipe = _load(args)
+    engine = StreamingEngine(pipe, switch_mode=args.switch_mode)
     stream = engine.start(images[args.reference], images[args.garment], args.prompt, args.seed, chunks=args.chunks)
     if stream.removed_words:
         logger.warning("removed garment words from the prompt: %s", ", ".join(stream.removed_words))
     output.parent.mkdir(parents=True, exist_ok=True)
-    with media.VideoWriter(output, fps=preset.stream.fps) as writer, tqdm(total=args.chunks, unit="chunk") as bar:
+    with media.VideoWriter(output, fps=pipe.stream.fps) as writer, tqdm(total=args.chunks, unit="chunk") as bar:
         for chunk in stream.play({k: images[path] for k, path in switches.items()}):
             writer.write(chunk.frames)
             bar.update(1)
@@ -139,13 +138,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from . import media
     from .bench import format_table, run_bench
 
-    assets = Path(__file__).resolve().parent.parent / "assets"
-    reference = media.load_image(assets / "reference.png")
-    garments = [media.load_image(p) for p in sorted(assets.glob("garment_*.png"))]
     preset, pipe = _load(args)
+    reference_path, garment_paths = preset.example_inputs()
+    reference, garments = media.load_image(reference_path), [media.load_image(p) for p in garment_paths]
     sizes = {name: value for name, value in (("height", args.height), ("width", args.width)) if value}
-    result = run_bench(pipe, replace(preset.stream, **sizes), reference, garments, chunks=args.chunks,
-                       switch_every=args.switch_every,
+    result = run_bench(pipe, preset.teacher, reference, garments, stream=replace(pipe.stream, **sizes),
+                       chunks=args.chunks, switch_every=args.switch_every,
                        baseline_chunks=args.baseline_chunks, bidirectional_steps=args.bidirectional_steps)
     result["preset"] = preset.name
     print(format_table(result))
@@ -159,13 +157,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .engine import SwitchMode
     from .miniworld.evaluate import EvalConfig, evaluate, example_strip, format_results
     from .models.causal_wan import CausalWanTransformer3DModel
-    from .presets import MINI_TEACHER
+    from .presets import get_preset
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     known = [m.value for m in SwitchMode]
     if not modes or any(m not in known for m in modes):
         raise UserInputError(f"--modes must be a comma-separated subset of {', '.join(known)}, got {args.modes!r}")
-    teacher_path = args.teacher or (str(MINI_TEACHER) if args.preset == "mini" else "none")
+    shipped_teacher = get_preset(args.preset).teacher.weights
+    teacher_path = args.teacher or (str(shipped_teacher) if shipped_teacher else "none")
     if teacher_path != "none" and not (Path(teacher_path) / "config.json").is_file():
         raise UserInputError(f"--teacher {teacher_path} is not a transformer folder (no config.json)")
     config = EvalConfig(clips=args.clips, chunks=args.chunks, switch_chunk=args.switch_chunk, modes=modes,
@@ -174,14 +173,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     teacher = None
     if teacher_path != "none":
         teacher = CausalWanTransformer3DModel.from_pretrained(teacher_path).to(pipe.device, pipe.transformer.dtype)
-    result = evaluate(pipe, preset.stream, config, teacher=teacher, progress=True)
+    result = evaluate(pipe, config, teacher=teacher, sampling=preset.teacher, progress=True)
     result["preset"] = preset.name
     print(format_results(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.strip:
-        strip = example_strip(pipe, preset.stream, chunks=args.chunks, switch_chunk=args.switch_chunk,
-                              seed=args.seed)
+        strip = example_strip(pipe, chunks=args.chunks, switch_chunk=args.switch_chunk, seed=args.seed)
         Image.fromarray(strip).save(args.strip)
 
 
@@ -190,10 +188,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     from .models.causal_wan import CausalWanTransformer3DModel
     from .models.convert import load_official_checkpoint
-    from .presets import MINI_TRANSFORMER, TINY_TRANSFORMER, WAN22_TRANSFORMER, get_preset
+    from .presets import get_preset
 
-    get_preset(args.preset)
-    config = {"mini": MINI_TRANSFORMER, "tiny": TINY_TRANSFORMER, "wan22-ti2v-5b": WAN22_TRANSFORMER}[args.preset]
+    config = get_preset(args.preset).transformer
     state = load_official_checkpoint(args.input)
     with init_empty_weights():
         model = CausalWanTransformer3DModel(**config)

@@ -18,7 +18,6 @@ import io
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,6 @@ __all__ = [
     "PIX_FMT",
     "CRF",
     "PRESET",
-    "DEFAULT_FPS",
-    "VideoInfo",
     "VideoWriter",
     "load_image",
     "fit_reference",
@@ -48,7 +45,6 @@ __all__ = [
     "tensor_to_frames",
     "frame_to_image",
     "encode_segment",
-    "probe_video",
 ]
 
 # --- image limits -------------------------------------------------------------------------
@@ -66,7 +62,6 @@ PIX_FMT = "yuv420p"
 CRF = 20
 #: veryfast: a 12-frame 704x1280 chunk encodes in ~0.15-0.25 s on CPU, well under its 0.5 s.
 PRESET = "veryfast"
-DEFAULT_FPS = 24
 #: Tagged in the stream so players do not guess BT.601 vs BT.709 (colour shifts otherwise).
 _COLORSPACE = "ITU709"
 _BT709 = 1  # H.273 code for colour primaries / transfer / matrix "BT.709"
@@ -324,7 +319,7 @@ class VideoWriter:
     def __init__(
         self,
         path: str | os.PathLike,
-        fps: int = DEFAULT_FPS,
+        fps: int,
         *,
         crf: int = CRF,
         preset: str = PRESET,
@@ -408,7 +403,7 @@ class VideoWriter:
             self._container.close()
 
 
-def encode_segment(frames: np.ndarray, path: str | os.PathLike, fps: int = DEFAULT_FPS) -> Path:
+def encode_segment(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     """Write one short, self-contained H.264 mp4 for a streaming player (e.g. gr.Video HLS).
 
     The segment starts with an IDR frame and has a single GOP, no B-frames (zerolatency) and the
@@ -427,42 +422,3 @@ def encode_segment(frames: np.ndarray, path: str | os.PathLike, fps: int = DEFAU
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a video file really contains (frames counted by decoding, not from the header)."""
-
-    codec: str
-    frames: int
-    width: int
-    height: int
-    fps: float
-    pix_fmt: str | None = None
-
-
-def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Describe the first video stream of ``path``; decodes every frame to count them exactly."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"Video file '{path}' does not exist.")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UserInputError(f"File '{path}' has no video stream.")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            count = sum(1 for _ in container.decode(stream))
-            ctx = stream.codec_context
-            return VideoInfo(
-                codec=ctx.name,
-                frames=count,
-                width=ctx.width,
-                height=ctx.height,
-                fps=float(rate) if rate else 0.0,
-                pix_fmt=ctx.pix_fmt,
-            )
-    except UserInputError:
-        raise
-    except (av.error.FFmpegError, OSError) as exc:
-        raise UserInputError(f"File '{path}' is not a readable video ({exc}).") from None

@@ -22,13 +22,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from fashionchameleon import media
 from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STREAMING, SWITCHING, StreamService
+from helpers import GARMENTS, REFERENCE, ROOT, probe_video
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_REFERENCE, EXAMPLE_GARMENTS = app.examples("tiny")
-REFERENCE = str(EXAMPLE_REFERENCE)
-GARMENT, NEXT_GARMENT = (str(p) for p in EXAMPLE_GARMENTS[:2])
+GARMENT, NEXT_GARMENT = GARMENTS[:2]
 #: Streams long enough to act on mid-way, short enough to keep the suite quick (0.5 s of video per chunk).
 MID_STREAM = 10
 #: Chunks the producer may have made beyond the last one Gradio took: the queue, plus one being made.
@@ -116,7 +113,7 @@ def test_stream_yields_requested_chunks_as_h264(connect, server):
     assert len(outputs) == chunks
     config = service.preset.stream
     for i, (_, chunk_file, status) in enumerate(outputs):
-        info = media.probe_video(chunk_file)
+        info = probe_video(chunk_file)
         frames = 9 if i == 0 else 12
         assert (info.codec, info.frames, info.width, info.height) == ("h264", frames, config.width, config.height)
         assert info.fps == pytest.approx(config.fps)
@@ -250,11 +247,11 @@ def test_cancel_and_disconnect_clean_up_without_stalling_others(connect, server,
     wait_for_chunk(generate(leaver, chunks=long_stream), 0)
     leaver.close()  # the heartbeat ends: Gradio closes the stream and runs unload
     left = time.monotonic()
-    wait_until(lambda: service.active_sessions() <= 1, "the leaver's stream to end")
+    wait_until(lambda: len(service.sessions) <= 1, "the leaver's stream to end")
     assert time.monotonic() - left < LEAVE_SECONDS
     bystander.result(timeout=PATIENCE)
     assert [s["chunk"] for s in statuses(bystander)] == list(range(MID_STREAM))
-    wait_until(lambda: service.active_sessions() == 0, "all streams to end")
+    wait_until(lambda: len(service.sessions) == 0, "all streams to end")
     wait_until(lambda: not os.listdir(service.chunk_root), "chunk folders to be deleted")
     assert os.listdir(service.mailbox.root) == []
 

@@ -13,6 +13,7 @@ import pytest
 
 import app
 from fashionchameleon.serving import StreamService
+from helpers import GARMENTS, REFERENCE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -21,9 +22,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
                                 reason="Debian chromium is not installed (apt-get install chromium)")
 
-EXAMPLE_REFERENCE, EXAMPLE_GARMENTS = app.examples("tiny")
-REFERENCE = str(EXAMPLE_REFERENCE)
-GARMENT = str(EXAMPLE_GARMENTS[0])
+GARMENT = GARMENTS[0]
 #: 10 s of video: time to see it play, switch, and see it play on.
 CHUNKS = 20
 #: Milliseconds to wait for the page, the first frames, or a switch (generous: CI machines are slow).
@@ -79,7 +78,7 @@ def test_upload_generate_switch_and_play(url, tmp_path):
             expect(page.locator("#status-line")).to_contain_text(f"/ {CHUNKS}")
 
             page.locator("#wardrobe .thumbnail-item").nth(1).click()  # pick a garment from the wardrobe
-            expect(page.locator("#next-garment img")).to_have_attribute("src", re.compile(EXAMPLE_GARMENTS[1].name))
+            expect(page.locator("#next-garment img")).to_have_attribute("src", re.compile(Path(GARMENTS[1]).name))
             page.click("#switch")
             expect(page.locator("#status-line")).to_contain_text("garment v1")
             page.wait_for_function(VIDEO_PLAYS, arg=[page.evaluate(VIDEO_TIME), PLAYED_SECONDS])

@@ -3,9 +3,9 @@
 import torch
 from diffusers import WanTransformer3DModel
 
-from fashionchameleon.models.causal_wan import CausalWanTransformer3DModel, block_causal_mask
+from fashionchameleon.models.causal_wan import CausalWanTransformer3DModel, block_causal_mask, embedding_timesteps
 from fashionchameleon.models.kv_cache import KVSlot, WindowPolicy
-from fashionchameleon.presets import TINY_TRANSFORMER
+from helpers import TINY_TRANSFORMER
 
 H, W = 4, 6  # latents -> 2 x 3 = 6 tokens per frame
 TEXT = 7
@@ -23,14 +23,20 @@ def inputs(frames: int, seed: int = 0):
 
 
 def test_subclass_equals_stock_transformer(tiny_transformer, tmp_path):
+    """With the stock input rule the subclass is the stock model for any t; with the authors' rule (the default) it
+    is the stock model fed bf16-rounded timesteps."""
     tiny_transformer.save_pretrained(tmp_path / "causal")
     stock = WanTransformer3DModel.from_pretrained(tmp_path / "causal").eval()
     reloaded = CausalWanTransformer3DModel.from_pretrained(tmp_path / "causal").eval()
+    exact = CausalWanTransformer3DModel.from_pretrained(tmp_path / "causal", round_timesteps=False).eval()
     x, text = inputs(5)
     frame_t = torch.tensor([[0.0, 0.0, 937.0, 937.0, 500.0]])
     token_t = frame_t.repeat_interleave(H * W // 4, dim=1)
     with torch.no_grad():
-        expected = stock(x, token_t, text).sample
+        for t in (frame_t, token_t):
+            assert err(exact(x, t, text).sample, stock(x, token_t, text).sample) < 1e-5
+        expected = stock(x, embedding_timesteps(token_t), text).sample
+        assert err(expected, stock(x, token_t, text).sample) > 1e-4  # negative control: the rounding is visible
         for model in (tiny_transformer, reloaded):
             for t in (frame_t, token_t):
                 assert err(model(x, t, text).sample, expected) < 1e-5

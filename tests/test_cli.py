@@ -1,21 +1,20 @@
 """The CLI as a person uses it: real subprocesses, real files, exit codes."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fashionchameleon import media
-from fashionchameleon.models.convert import to_official_state_dict
 from fashionchameleon.pipeline import FashionChameleonPipeline
-from fashionchameleon.presets import build_tiny
+from fashionchameleon.presets import load_preset
+from helpers import GARMENTS, REFERENCE, ROOT, TINY_TRANSFORMER, probe_video, to_official_state_dict
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-ASSETS = os.path.join(ROOT, "assets")
-REFERENCE = os.path.join(ASSETS, "reference.png")
-G1, G2, G3 = (os.path.join(ASSETS, f"garment_{n}.png") for n in ("red_stripes", "blue_checks", "green_dots"))
+G1, G2, G3 = GARMENTS[:3]
+
+
+def build_tiny():
+    return load_preset("tiny", device="cpu")[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -28,7 +27,7 @@ def test_generate_writes_h264_with_33_frames(tmp_path):
     result = cli("generate", "--preset", "tiny", "--reference", REFERENCE, "--garment", G1, "--chunks", "3",
                  "--output", str(out))
     assert result.returncode == 0, result.stderr
-    info = media.probe_video(out)
+    info = probe_video(out)
     assert (info.codec, info.frames, info.width, info.height) == ("h264", 33, 64, 96)
 
 
@@ -37,7 +36,7 @@ def test_generate_with_two_switches_writes_69_frames(tmp_path):
     result = cli("generate", "--preset", "tiny", "--reference", REFERENCE, "--garment", G1, "--chunks", "6",
                  "--switch", f"2:{G2}", "--switch", f"4:{G3}", "--output", str(out))
     assert result.returncode == 0, result.stderr
-    assert media.probe_video(out).frames == 69
+    assert probe_video(out).frames == 69
 
 
 @pytest.mark.parametrize(
@@ -76,7 +75,7 @@ def test_unreadable_checkpoint_for_convert(tmp_path):
 
 def test_convert_official_checkpoint_then_load_matches(tmp_path):
     """model.pt (both official layouts) -> convert -> from_pretrained gives the directly built model's output."""
-    pipe = build_tiny(seed=0)
+    pipe = build_tiny()
     model = pipe.transformer
     official = to_official_state_dict(model.state_dict())
     noisy = {k: v + 0.1 for k, v in official.items()}
@@ -106,22 +105,15 @@ def test_convert_official_checkpoint_then_load_matches(tmp_path):
 def test_whole_preset_save_pretrained_round_trip(tmp_path):
     """save_pretrained -> from_pretrained of the whole pipeline (tokenizer, UMT5, transformer, VAE, scheduler)
     streams the same video, and the CLI loads the folder as --checkpoint."""
-    from fashionchameleon.engine import StreamingEngine
-    from fashionchameleon.presets import get_preset
-
-    pipe = build_tiny(seed=0)
+    pipe = build_tiny()
     pipe.save_pretrained(tmp_path / "tiny")
     loaded = FashionChameleonPipeline.from_pretrained(tmp_path / "tiny")
-    config = get_preset("tiny").stream
-    videos = [
-        [c.frames for c in StreamingEngine(p, config).start(REFERENCE, G1, "a person walks", seed=2, chunks=2)]
-        for p in (pipe, loaded)
-    ]
-    assert all((a == b).all() for a, b in zip(*videos))
+    videos = [p(REFERENCE, G1, "a person walks", num_chunks=2, seed=2).frames for p in (pipe, loaded)]
+    assert (videos[0] == videos[1]).all() and len(videos[0]) == 9 + 12
     out = tmp_path / "o.mp4"
     result = cli("generate", "--preset", "tiny", "--checkpoint", str(tmp_path / "tiny"), "--reference", REFERENCE,
                  "--garment", G1, "--chunks", "1", "--output", str(out))
-    assert result.returncode == 0, result.stderr and media.probe_video(out).frames == 9
+    assert result.returncode == 0, result.stderr and probe_video(out).frames == 9
 
 
 def test_wan22_preset_loads_a_stock_wan_folder_plus_official_checkpoint(tmp_path):
@@ -129,15 +121,13 @@ def test_wan22_preset_loads_a_stock_wan_folder_plus_official_checkpoint(tmp_path
     FashionChameleon weights from an official model.pt on top."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    from fashionchameleon.presets import TINY_TRANSFORMER, build_wan22
-
-    tiny = build_tiny(seed=0)
+    tiny = build_tiny()
     stock = WanTransformer3DModel(**TINY_TRANSFORMER)
     base = WanPipeline(tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder, vae=tiny.vae,
                        scheduler=UniPCMultistepScheduler(flow_shift=5.0), transformer=stock, expand_timesteps=True)
     base.save_pretrained(tmp_path / "base")
     torch.save({"generator_ema": to_official_state_dict(tiny.transformer.state_dict())}, tmp_path / "model.pt")
-    pipe = build_wan22(checkpoint=tmp_path / "model.pt", base=tmp_path / "base")
+    _, pipe = load_preset("wan22-ti2v-5b", checkpoint=tmp_path / "model.pt", base=tmp_path / "base", device="cpu")
     assert type(pipe.transformer).__name__ == "CausalWanTransformer3DModel"
     for name, value in tiny.transformer.state_dict().items():
         assert torch.equal(pipe.transformer.state_dict()[name], value), name

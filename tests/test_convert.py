@@ -9,19 +9,13 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from fashionchameleon.errors import UserInputError
-from fashionchameleon.models.convert import (
-    convert_official_state_dict,
-    load_official_checkpoint,
-    load_transformer_weights,
-    to_official_state_dict,
-)
+from fashionchameleon.models.convert import (convert_official_state_dict, load_official_checkpoint,
+                                             load_transformer_weights)
+from helpers import TINY_TRANSFORMER, to_official_state_dict
 
-CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
-    text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-)
+CONFIG = TINY_TRANSFORMER
 
-# Every parameter name of a native Wan2.2 DiT (METHOD.md §6), for a 2-block model.
+# Every parameter name of a native Wan2.2 DiT (docs/method.md §6), for a 2-block model.
 _BLOCK = (
     [f"self_attn.{m}.{p}" for m in "qkvo" for p in ("weight", "bias")]
     + ["self_attn.norm_q.weight", "self_attn.norm_k.weight", "norm3.weight", "norm3.bias"]

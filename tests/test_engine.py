@@ -1,5 +1,6 @@
 """The streaming engine: chunk contract, cached == recompute, slot contents, and garment switching."""
 
+import gc
 import os
 import threading
 from dataclasses import replace
@@ -9,33 +10,46 @@ import pytest
 import torch
 
 from fashionchameleon import media
+from fashionchameleon.bench import RecomputeEngine
 from fashionchameleon.engine import Stream, StreamingEngine, SwitchMode
 from fashionchameleon.models.kv_cache import KVSlot
-from fashionchameleon.presets import build_tiny, get_preset
-
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "assets")
-REFERENCE = os.path.join(ASSETS, "reference.png")
-GARMENTS = [os.path.join(ASSETS, f"garment_{name}.png") for name in ("red_stripes", "blue_checks", "green_dots")]
+from fashionchameleon.presets import load_preset
+from helpers import GARMENTS, REFERENCE
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return build_tiny(seed=0)
+    return load_preset("tiny", device="cpu")[1]
 
 
 @pytest.fixture(scope="module")
-def stream_config():
-    return get_preset("tiny").stream
+def stream_config(pipe):
+    return pipe.stream
 
 
 @pytest.fixture(scope="module")
-def small_config():
+def small_config(pipe):
     """A 32x32 stream (one token per latent frame) for the long-stream tests: same code, less decode work."""
-    return replace(get_preset("tiny").stream, height=32, width=32)
+    return replace(pipe.stream, height=32, width=32)
 
 
 def positions(stream: Stream) -> dict[str, list[int]]:
-    return {slot.value: stream.cache.positions(slot) for slot in KVSlot}
+    return {slot.value: stream.rollout.cache.positions(slot) for slot in KVSlot}
+
+
+def garment_latent(pipe, path, config):
+    return pipe.encode_garment(media.load_image(path), config)
+
+
+def test_student_schedule_is_the_papers(pipe):
+    """docs/method.md §3.5: steps [1000, 750, 500, 250] warped by shift 5; the time embedding sees 1000, 936, 832,
+    624 (bf16, then an integer), the noise level the exact sigma."""
+    from fashionchameleon.models.causal_wan import embedding_timesteps
+
+    sigmas = pipe.student_sigmas(pipe.stream.denoising_steps)
+    torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.9375, 5 / 6, 0.625]))
+    timesteps = sigmas * pipe.transformer.config.num_train_timesteps
+    assert embedding_timesteps(timesteps).tolist() == [1000.0, 936.0, 832.0, 624.0]
 
 
 def test_chunks_frame_counts_and_determinism(pipe, stream_config):
@@ -52,33 +66,31 @@ def test_chunks_frame_counts_and_determinism(pipe, stream_config):
     assert not np.array_equal(chunks[0].frames, other[0].frames)
 
 
+def stream_latents(engine, forget: bool = False) -> torch.Tensor:
+    """Six chunks of latents with a switch before chunk 4 (refresh+withdraw: no pixels involved); `forget` drops
+    the history after every chunk."""
+    stream = engine.start(REFERENCE, GARMENTS[0], seed=1, chunks=6)
+    latents = []
+    for index in range(6):
+        if index == 4:
+            stream.switch_garment(media.load_image(GARMENTS[1]))
+        latents.append(stream.rollout.next_latents())
+        if forget:
+            stream.rollout.cache.clear([KVSlot.SINK, KVSlot.HISTORY])
+    return torch.cat(latents, dim=2)
+
+
 def test_cached_stream_equals_recompute_stream(pipe, stream_config):
     """The KV cache changes the cost, not the result: the same stream with every pass re-running the whole
     visible context under the block-causal mask gives the same latents, across a switch (before the window
     evicts; after that the cache holds K/V computed with frames recompute no longer sees)."""
-    config = replace(get_preset("tiny").stream, history_frames=30)
-    results = []
-    for use_cache in (True, False):
-        engine = StreamingEngine(pipe, config, use_kv_cache=use_cache, switch_mode=SwitchMode.REFRESH_WITHDRAW)
-        stream = engine.start(REFERENCE, GARMENTS[0], seed=1, chunks=6)
-        latents = []
-        for chunk in stream:
-            latents.append(chunk.latents)
-            if chunk.index == 3:
-                stream.request_switch(GARMENTS[1])
-        results.append(torch.cat(latents, dim=2))
-    assert float((results[0] - results[1]).abs().max()) < 1e-4
+    config = replace(stream_config, history_frames=30)
+    cached = stream_latents(StreamingEngine(pipe, config, switch_mode=SwitchMode.REFRESH_WITHDRAW))
+    recomputed = stream_latents(RecomputeEngine(pipe, config, switch_mode=SwitchMode.REFRESH_WITHDRAW))
+    assert float((cached - recomputed).abs().max()) < 1e-4
     # Negative control: a stream that loses its history every chunk is a different video.
-    stream = StreamingEngine(pipe, config, switch_mode=SwitchMode.REFRESH_WITHDRAW).start(
-        REFERENCE, GARMENTS[0], seed=1, chunks=6
-    )
-    forgetful = []
-    for chunk in stream:
-        forgetful.append(chunk.latents)
-        stream.cache.clear([KVSlot.SINK, KVSlot.HISTORY])
-        if chunk.index == 3:
-            stream.request_switch(GARMENTS[1])
-    assert float((torch.cat(forgetful, dim=2) - results[0]).abs().max()) > 1e-2
+    forgetful = stream_latents(StreamingEngine(pipe, config, switch_mode=SwitchMode.REFRESH_WITHDRAW), forget=True)
+    assert float((forgetful - cached).abs().max()) > 1e-2
 
 
 def test_cache_slots_fill_then_slide(pipe, stream_config):
@@ -94,57 +106,64 @@ def test_cache_slots_fill_then_slide(pipe, stream_config):
     next(stream)
     # Two more chunks: FIFO on history only; the sink and the conditioning frames stay.
     assert positions(stream) == {"reference": [0], "garment": [1], "sink": [2, 3, 4], "history": list(range(11, 29))}
-    assert stream.cache.num_frames() == stream_config.window.window
+    assert stream.rollout.cache.num_frames() == stream_config.window.window
 
 
 @pytest.mark.parametrize("mode", list(SwitchMode))
 def test_switch_modes_leave_the_cache_as_specified(pipe, stream_config, mode):
-    """METHOD.md §7.3: refresh keeps sink/history and positions; withdraw drops them and restarts at RoPE 2;
+    """docs/method.md §7.3: refresh keeps sink/history and positions; withdraw drops them and restarts at RoPE 2;
     full also takes the last shown frame, VAE-encoded as an image, as the new reference."""
     engine = StreamingEngine(pipe, stream_config, switch_mode=mode)
     stream = engine.start(REFERENCE, GARMENTS[0], chunks=5)
+    rollout, cache = stream.rollout, stream.rollout.cache
     for _ in range(3):
         next(stream)
     before = positions(stream)
-    old_reference = stream.reference_latent.clone()
-    old_garment_key = stream.cache.keys[0][:, stream.cache.frame_tokens : 2 * stream.cache.frame_tokens].clone()
+    old_reference = rollout.reference_latent.clone()
+    old_garment_key = cache.keys[0][:, cache.frame_tokens : 2 * cache.frame_tokens].clone()
     stream.switch_garment(media.load_image(GARMENTS[1]))
     after = positions(stream)
     assert after["reference"] == [0] and after["garment"] == [1]
-    new_garment_key = stream.cache.keys[0][:, stream.cache.frame_tokens : 2 * stream.cache.frame_tokens]
+    new_garment_key = cache.keys[0][:, cache.frame_tokens : 2 * cache.frame_tokens]
     assert float((new_garment_key - old_garment_key).abs().max()) > 1e-3  # garment KV refreshed
     assert stream.garment_version == 1
     if mode is SwitchMode.REFRESH:
-        assert after == before and stream.next_position == 11
+        assert after == before and rollout.next_position == 11
     else:
-        assert after["sink"] == [] and after["history"] == [] and stream.next_position == 2
+        assert after["sink"] == [] and after["history"] == [] and rollout.next_position == 2
     if mode is SwitchMode.FULL:
-        expected = engine.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
-        assert torch.equal(stream.reference_latent, expected)
-        assert float((stream.reference_latent - old_reference).abs().max()) > 1e-3
+        expected = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
+        assert torch.equal(rollout.reference_latent, expected)
+        assert float((rollout.reference_latent - old_reference).abs().max()) > 1e-3
     else:
-        assert torch.equal(stream.reference_latent, old_reference)
+        assert torch.equal(rollout.reference_latent, old_reference)
     chunk = next(stream)
     assert chunk.garment_version == 1
     if mode is not SwitchMode.REFRESH:
         assert positions(stream)["sink"] == [2, 3, 4]  # the first chunk after a withdraw is the new sink
 
 
+def while_inside(obj, method: str, action, when=lambda: True) -> threading.Thread:
+    """Run `action` on another thread while `obj.method` is running (on calls where `when()` holds)."""
+    original = getattr(obj, method)
+    inside, done = threading.Event(), threading.Event()
+
+    def paused(*args):
+        if when():
+            inside.set()
+            done.wait(10)
+        return original(*args)
+
+    setattr(obj, method, paused)
+    thread = threading.Thread(target=lambda: (inside.wait(10), action(), done.set()))
+    thread.start()
+    return thread
+
+
 def test_switch_requested_mid_chunk_lands_at_next_boundary(pipe, stream_config):
     stream = StreamingEngine(pipe, stream_config).start(REFERENCE, GARMENTS[0], chunks=4)
-    inside = threading.Event()
-    resume = threading.Event()
-    original = stream.denoise_chunk
-
-    def denoise_and_wait(pos):
-        if stream.chunk_index == 1:
-            inside.set()
-            resume.wait(10)
-        return original(pos)
-
-    stream.denoise_chunk = denoise_and_wait
-    requester = threading.Thread(target=lambda: (inside.wait(10), stream.request_switch(GARMENTS[1]), resume.set()))
-    requester.start()
+    requester = while_inside(stream.rollout, "denoise_chunk", lambda: stream.request_switch(GARMENTS[1]),
+                             when=lambda: stream.chunk_index == 1)
     versions = [chunk.garment_version for chunk in stream]
     requester.join()
     assert versions == [0, 0, 1, 1]
@@ -157,10 +176,25 @@ def test_last_request_before_a_boundary_wins(pipe, stream_config):
     stream.request_switch(GARMENTS[2])
     chunk = next(stream)
     assert chunk.garment_version == 1  # one switch, not two
-    assert torch.equal(stream.garment_latent, stream.engine.encode_garment(media.load_image(GARMENTS[2])))
+    assert torch.equal(stream.rollout.garment_latent, garment_latent(pipe, GARMENTS[2], stream_config))
+
+
+def test_a_request_made_while_a_switch_is_applied_lands_at_the_next_boundary(pipe, small_config):
+    """Another thread's request that arrives while the engine applies the previous one is not lost: the engine takes
+    a request before it starts the (slow) switch, so the new one waits for the next boundary."""
+    stream = StreamingEngine(pipe, small_config).start(REFERENCE, GARMENTS[0], chunks=3)
+    next(stream)
+    poster = while_inside(stream.rollout, "refresh_garment_kv", lambda: stream.request_switch(GARMENTS[2]))
+    stream.request_switch(GARMENTS[1])
+    assert next(stream).garment_version == 1
+    poster.join()
+    assert next(stream).garment_version == 2
+    assert torch.equal(stream.rollout.garment_latent, garment_latent(pipe, GARMENTS[2], small_config))
 
 
 def test_concurrent_switch_requests_are_safe(pipe, small_config):
+    """Six threads request switches while the stream runs: every boundary applies at most one switch, nothing
+    raises, and the request made after the burst is the garment of the next chunk."""
     stream = StreamingEngine(pipe, small_config).start(REFERENCE, GARMENTS[0], chunks=12)
     errors = []
 
@@ -177,42 +211,83 @@ def test_concurrent_switch_requests_are_safe(pipe, small_config):
         if chunk.index == 1:
             for thread in threads:
                 thread.start()
+        if chunk.index == 9:
+            for thread in threads:
+                thread.join()
+            stream.request_switch(GARMENTS[3])
         versions.append(chunk.garment_version)
-    for thread in threads:
-        thread.join()
     assert not errors
     assert all(0 <= b - a <= 1 for a, b in zip(versions, versions[1:]))
-    assert versions[-1] >= 1
+    assert versions[10] == versions[9] + 1 and versions[11] == versions[10]
+    assert torch.equal(stream.rollout.garment_latent, garment_latent(pipe, GARMENTS[3], small_config))
 
 
-def test_long_stream_with_switches_stays_bounded(pipe, small_config):
-    import resource
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python (what a leak of tensors per chunk would grow)."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
-    stream = StreamingEngine(pipe, small_config).start(REFERENCE, GARMENTS[0], chunks=200)
-    cache_bytes = stream.cache.nbytes
-    rss = []
+
+def resident_bytes() -> int:
+    """The process's current resident set (not its peak), Linux."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def long_stream_growth(pipe, config, keep_latents: bool) -> tuple[int, int, Stream]:
+    """(live tensor bytes, resident bytes) gained from chunk 50 to 199 of a stream switching every 10 chunks;
+    `keep_latents` holds on to each chunk's latents (a leak, for the negative control)."""
+    stream = StreamingEngine(pipe, config).start(REFERENCE, GARMENTS[0], chunks=200)
+    cache_bytes = stream.rollout.cache.nbytes
+    kept, next_latents = [], stream.rollout.next_latents
+    if keep_latents:
+        stream.rollout.next_latents = lambda: kept.append(next_latents()) or kept[-1]
+    measured = {}
     for chunk in stream:
         if (chunk.index + 1) % 10 == 0:
             stream.request_switch(GARMENTS[(chunk.index // 10) % 3])
-        assert stream.cache.num_frames() <= small_config.window.window
+        assert stream.rollout.cache.num_frames() <= config.window.window
         if chunk.index in (50, 199):
-            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            measured[chunk.index] = (live_tensor_bytes(), resident_bytes())
     assert chunk.garment_version == 19
-    assert stream.cache.nbytes == cache_bytes
-    assert stream.next_position < pipe.transformer.config.rope_max_seq_len
-    assert rss[1] - rss[0] < 64 * 1024  # KiB: no growth with the number of chunks
+    assert stream.rollout.cache.nbytes == cache_bytes
+    return measured[199][0] - measured[50][0], measured[199][1] - measured[50][1], stream
+
+
+def test_long_stream_with_switches_stays_bounded(pipe, small_config):
+    tensors, resident, stream = long_stream_growth(pipe, small_config, keep_latents=False)
+    assert stream.rollout.next_position < pipe.transformer.config.rope_max_seq_len
+    assert tensors <= 0  # the same tensors live at chunk 199 as at chunk 50
+    assert resident < 64 * 2**20
+    # Negative control: holding 2.3 KB of latents per chunk is seen.
+    leaked, _, _ = long_stream_growth(pipe, small_config, keep_latents=True)
+    assert leaked >= 149 * 48 * 3 * 2 * 2 * 4
 
 
 def test_long_stream_without_switches_reanchors_before_the_rope_table_ends(small_config):
-    pipe = build_tiny(seed=0)
-    pipe.transformer.register_to_config(rope_max_seq_len=20)  # a short table so the limit comes quickly
-    stream = StreamingEngine(pipe, small_config).start(REFERENCE, GARMENTS[0], chunks=15)
+    def short_table_stream():
+        pipe = load_preset("tiny", device="cpu")[1]
+        pipe.transformer.register_to_config(rope_max_seq_len=20)  # a short table so the limit comes quickly
+        return StreamingEngine(pipe, small_config).start(REFERENCE, GARMENTS[0], chunks=15)
+
+    stream = short_table_stream()
+    cache = stream.rollout.cache
     highest = 0
     for chunk in stream:
-        highest = max(highest, max(stream.cache.positions(KVSlot.SINK) + stream.cache.positions(KVSlot.HISTORY)))
+        highest = max(highest, max(cache.positions(KVSlot.SINK) + cache.positions(KVSlot.HISTORY)))
         assert chunk.garment_version == 0
     assert highest < 20
-    assert stream.cache.positions(KVSlot.REFERENCE) == [0]
+    assert cache.positions(KVSlot.REFERENCE) == [0]
+    # Negative control: without re-anchoring the same stream runs off the table.
+    stream = short_table_stream()
+    stream.reanchor = lambda: None
+    with pytest.raises(ValueError, match="exceeds the table"):
+        list(stream)
 
 
 def test_same_seed_and_switch_schedule_give_the_same_video(pipe, stream_config):
@@ -251,23 +326,23 @@ def test_each_primitive_alone(pipe, stream_config):
     """refresh: only REFERENCE/GARMENT rewritten; withdraw: SINK/HISTORY empty and position back to 2;
     disentangle: the reference latent becomes the last shown frame, the cache is untouched."""
     stream = StreamingEngine(pipe, stream_config).start(REFERENCE, GARMENTS[0], chunks=4)
+    rollout, cache = stream.rollout, stream.rollout.cache
     for _ in range(3):
         next(stream)
-    tokens = stream.cache.frame_tokens
+    tokens = cache.frame_tokens
     before = positions(stream)
-    history_keys = stream.cache.keys[1][:, 2 * tokens :].clone()
+    history_keys = cache.keys[1][:, 2 * tokens :].clone()
 
-    stream.garment_latent = stream.engine.encode_garment(media.load_image(GARMENTS[2]))
-    stream.refresh_garment_kv()
-    assert positions(stream) == before and stream.next_position == 11
-    assert torch.equal(stream.cache.keys[1][:, 2 * tokens :], history_keys)
+    rollout.refresh_garment_kv(garment_latent(pipe, GARMENTS[2], stream_config))
+    assert positions(stream) == before and rollout.next_position == 11
+    assert torch.equal(cache.keys[1][:, 2 * tokens :], history_keys)
 
-    reference_keys = stream.cache.keys[1][:, :tokens].clone()
+    reference_keys = cache.keys[1][:, :tokens].clone()
     stream.disentangle_reference()
-    assert positions(stream) == before and torch.equal(stream.cache.keys[1][:, :tokens], reference_keys)
-    expected = stream.engine.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
-    assert torch.equal(stream.reference_latent, expected)
+    assert positions(stream) == before and torch.equal(cache.keys[1][:, :tokens], reference_keys)
+    expected = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
+    assert torch.equal(rollout.reference_latent, expected)
 
-    stream.withdraw_history_kv()
+    rollout.withdraw_history_kv()
     assert positions(stream) == {"reference": [0], "garment": [1], "sink": [], "history": []}
-    assert stream.next_position == 2
+    assert rollout.next_position == 2

@@ -13,17 +13,19 @@ import torch
 from PIL import Image
 
 from fashionchameleon import media
-from fashionchameleon.engine import StreamingEngine
 from fashionchameleon.miniworld import make_triplet
 from fashionchameleon.miniworld.evaluate import EvalConfig, evaluate
 from fashionchameleon.models.vae import AutoencoderPixelShuffle, latent_codec
 from fashionchameleon.pipeline import FashionChameleonPipeline
-from fashionchameleon.presets import DEFAULT_PRESET, MINI_STREAM, MINI_WEIGHTS, build_mini, load_preset
+from fashionchameleon.presets import DEFAULT_PRESET, get_preset, load_preset
+from fashionchameleon.rollout import StreamConfig
 from fashionchameleon.training.config import DataConfig
 from fashionchameleon.training.data import MiniWorldDataset
 from fashionchameleon.training.recipe import load_recipe, run_recipe
+from helpers import ROOT, probe_video
 
-ROOT = Path(__file__).resolve().parent.parent
+MINI = get_preset("mini")
+MINI_STREAM = MINI.stream
 
 # Thresholds for the shipped model, from its measured numbers (6 held-out clips, the set tested here; 16-clip
 # numbers in the model card): colour errors in RGB units (0..441), continuity ~1 = motion carries on.
@@ -59,23 +61,23 @@ def test_pixel_shuffle_codec_is_exact_and_streams_like_a_full_decode():
 
 
 def test_mini_pipeline_folder_round_trips_codec_and_video(tmp_path):
-    pipe = build_mini(random_weights=True)
+    pipe = load_preset("mini", random_weights=True, device="cpu")[1]
     pipe.save_pretrained(tmp_path / "mini")
     loaded = FashionChameleonPipeline.from_pretrained(tmp_path / "mini")
     assert isinstance(loaded.vae, AutoencoderPixelShuffle)
     assert torch.equal(loaded.vae.latents_std, pipe.vae.latents_std)
     assert loaded.transformer.config.prediction_type == "sample"
+    assert loaded.stream == MINI_STREAM  # the folder carries its stream settings
     triplet = make_triplet(0, 1, MINI_STREAM.height, MINI_STREAM.width)
     images = Image.fromarray(triplet.reference), Image.fromarray(triplet.garment_image)
-    videos = [np.concatenate([c.frames for c in StreamingEngine(p, MINI_STREAM).start(*images, "", 3, chunks=2)])
-              for p in (pipe, loaded)]
-    assert np.array_equal(*videos)
+    videos = [p(*images, num_chunks=2, seed=3).frames for p in (pipe, loaded)]
+    assert np.array_equal(*videos) and len(videos[0]) == 6
 
 
 # -- x0 parametrisation ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["sample", "frame", "token"])
 def test_sample_prediction_turns_the_clean_latent_into_the_flow_velocity(layout):
-    model = build_mini(random_weights=True).transformer
+    model = load_preset("mini", random_weights=True, device="cpu")[1].transformer
     generator = torch.Generator().manual_seed(0)
     x0, noise = (torch.randn(2, 48, 3, 4, 4, generator=generator) for _ in range(2))
     sigma = torch.tensor([[0.9, 0.5, 0.01], [0.2, 1.0, 0.05]])
@@ -97,12 +99,12 @@ def test_sample_prediction_turns_the_clean_latent_into_the_flow_velocity(layout)
 
 # -- data -------------------------------------------------------------------------------------------------------
 def test_miniworld_dataset_draws_seeded_triplets_and_drops_garments():
-    config = DataConfig(layout="miniworld", height=64, width=48, num_frames=6, clips=10)
-    item = MiniWorldDataset(config, seed=0, load_video=True)[(0, 3)]
-    truth = make_triplet(3, 6, 64, 48)
+    config = DataConfig(layout="miniworld", num_frames=6, clips=10)
+    item = MiniWorldDataset(config, MINI_STREAM, seed=0, load_video=True)[(0, 3)]
+    truth = make_triplet(3, 6, MINI_STREAM.height, MINI_STREAM.width)
     assert torch.equal(item["video"], torch.stack([media.image_to_tensor(f) for f in truth.video], dim=1))
     assert torch.equal(item["garment"], media.image_to_tensor(truth.garment_image)) and item["prompt"] == ""
-    dropped = MiniWorldDataset(DataConfig(**{**config.__dict__, "garment_drop_prob": 1.0}), seed=0,
+    dropped = MiniWorldDataset(DataConfig(**{**config.__dict__, "garment_drop_prob": 1.0}), MINI_STREAM, seed=0,
                                load_video=False)[(0, 3)]
     assert torch.equal(dropped["garment"], torch.ones_like(dropped["garment"])) and "video" not in dropped
 
@@ -115,20 +117,21 @@ def test_mini_recipe_chains_the_stages():
     assert forcing.model.init == dmd.model.teacher == str(out / "teacher" / "transformer")
     assert dmd.model.init == str(out / "forcing" / "transformer") and dmd.export_pipeline
     assert teacher.data.layout == "miniworld" and teacher.data.garment_drop_prob > 0
-    assert dmd.guidance_condition == "garment"
+    assert {c.preset for c in (teacher, forcing, dmd)} == {"mini"} and MINI.teacher.guidance_condition == "garment"
+    assert teacher.stream_config() == MINI_STREAM  # the recipe trains at the size the preset streams
 
 
 def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path):
     recipe = {
         "output_dir": str(tmp_path / "runs"), "export": str(tmp_path / "export"),
         "teacher_export": str(tmp_path / "teacher"),
-        "shared": {"max_steps": 2, "batch_size": 1, "log_every": 1, "checkpoint_every": 2, "mixed_precision": "no",
-                   "data": {"layout": "miniworld", "height": 32, "width": 32, "num_frames": 6, "max_text_tokens": 8,
-                            "num_workers": 0, "clips": 4},
-                   "model": {"pipeline": "mini", "random_weights": True, "gradient_checkpointing": False}},
+        "shared": {"preset": "mini", "stream": {"height": 32, "width": 32}, "max_steps": 2, "batch_size": 1,
+                   "log_every": 1, "checkpoint_every": 2, "mixed_precision": "no",
+                   "data": {"layout": "miniworld", "num_frames": 6, "num_workers": 0, "clips": 4},
+                   "model": {"random_weights": True, "gradient_checkpointing": False}},
         "teacher": {"data": {"garment_drop_prob": 0.5}},
         "forcing": {},
-        "dmd": {"generator_every": 1, "guidance_condition": "garment", "reward": {"kind": "none"}},
+        "dmd": {"generator_every": 1, "reward": {"kind": "none"}},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
@@ -136,7 +139,7 @@ def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path
     assert (tmp_path / "teacher" / "config.json").is_file()
     _, pipe = load_preset("mini", checkpoint=student, device="cpu")
     trained = pipe.transformer.state_dict()
-    fresh = build_mini(random_weights=True).transformer.state_dict()
+    fresh = load_preset("mini", random_weights=True, device="cpu")[1].transformer.state_dict()
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # the exported weights were trained
 
 
@@ -144,7 +147,7 @@ def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path
 @pytest.fixture(scope="module")
 def shipped_eval():
     _, pipe = load_preset("mini", device="cpu")
-    return evaluate(pipe, MINI_STREAM, EvalConfig(clips=6))["rows"]
+    return evaluate(pipe, EvalConfig(clips=6))["rows"]
 
 
 def test_eval_ground_truth_is_perfect_and_the_reference_copy_is_not(shipped_eval):
@@ -172,7 +175,9 @@ def test_shipped_mini_model_keeps_the_motion_through_a_full_switch(shipped_eval)
 
 
 def test_shipped_mini_is_the_default_and_generate_uses_it(tmp_path):
-    assert DEFAULT_PRESET == "mini" and (MINI_WEIGHTS / "model_index.json").is_file()
+    assert DEFAULT_PRESET == "mini" and (MINI.weights / "model_index.json").is_file()
+    # The shipped folder's copy of the stream settings is the preset's.
+    assert StreamConfig.from_dict(FashionChameleonPipeline.load_config(MINI.weights)["stream"]) == MINI_STREAM
     triplet = make_triplet(7, 1, 64, 48)
     Image.fromarray(triplet.reference).save(tmp_path / "ref.png")
     Image.fromarray(triplet.garment_image).save(tmp_path / "garment.png")
@@ -181,7 +186,7 @@ def test_shipped_mini_is_the_default_and_generate_uses_it(tmp_path):
                              str(tmp_path / "ref.png"), "--garment", str(tmp_path / "garment.png"), "--chunks", "4",
                              "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    info = media.probe_video(out)
+    info = probe_video(out)
     assert (info.frames, info.width, info.height) == (12, 48, 64)
 
 
@@ -199,11 +204,13 @@ def test_cli_eval_writes_json_and_bad_modes_are_one_line(tmp_path):
     assert result["preset"] == "mini" and {"ground_truth", "student/full", "teacher", "student"} <= set(result["rows"])
 
 
-def test_app_offers_world_examples_for_mini():
-    sys.path.insert(0, str(ROOT))
-    import app
+def test_examples_are_the_worlds_and_regenerate_exactly(tmp_path):
+    """Every preset shows the world's examples (the only inputs `mini` knows), which the world redraws exactly."""
+    from fashionchameleon.miniworld.examples import main as write_examples
 
-    reference, garments = app.examples("mini")
-    assert reference.parent.name == "world" and reference.is_file() and len(garments) >= 3
+    reference, garments = MINI.example_inputs()
+    assert reference.is_file() and len(garments) >= 3
     assert all(Image.open(g).size == (MINI_STREAM.width * 4, MINI_STREAM.height * 4) for g in garments)
-    assert app.examples("tiny")[0] == ROOT / "assets" / "reference.png"
+    for path in write_examples([str(tmp_path)]):
+        shipped = np.asarray(Image.open(MINI.examples / path.name).convert("RGB"))
+        assert np.array_equal(shipped, np.asarray(Image.open(path).convert("RGB"))), path.name

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from fashionchameleon import media
 from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STOP, STOPPED, STREAMING, SWITCH, ChunkReady, Mailbox, Message
 from fashionchameleon.serving import Pacer, StreamService
+from helpers import GARMENTS, REFERENCE, probe_video
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-REFERENCE = str(ASSETS / "reference.png")
-GARMENT, NEXT_GARMENT = (str(p) for p in sorted(ASSETS.glob("garment_*.png"))[:2])
+GARMENT, NEXT_GARMENT = GARMENTS[:2]
 #: Long enough that only a stop can end the stream within the test (about 20 s of paced video).
 LONG_STREAM = 40
 #: Seconds to wait for anything the test expects (generous: CI machines are slow).
@@ -150,14 +148,14 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
     assert all(s["state"] == STREAMING for s in seen[:-1]) and seen[-1]["state"] in (STREAMING, STOPPED)
     assert [s["chunk"] for s in seen] == list(range(len(seen)))
     assert producer.after_fork_value is None, "the worker saw parent memory written after the fork"
-    assert service.active_sessions() == 0
+    assert len(service.sessions) == 0
     assert os.listdir(service.chunk_root) == [] and os.listdir(service.mailbox.root) == []
 
 
 def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
     stream = service.stream("plain-session", REFERENCE, GARMENT, "", 2, 0)
     path, status = next(stream)
-    info = media.probe_video(path)
+    info = probe_video(path)
     assert (info.codec, info.frames, info.width, info.height) == ("h264", 9, 64, 96)
     ready = ChunkReady(path, 0, 9, 0, 10.0, DONE)
     assert pickle.loads(pickle.dumps(ready)) == ready
@@ -193,7 +191,7 @@ service = StreamService.load("tiny", device="cpu")
 demo = app.build_demo(service)
 _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)
 connection = Client(url, verbose=False, download_files=False)
-reference, garments = app.examples("tiny")
+reference, garments = service.preset.example_inputs()
 job = connection.submit(handle_file(str(reference)), handle_file(str(garments[0])), "", {chunks}, 0,
                         api_name="/generate")
 result = {"statuses": [], "threads_in_server": 0}
@@ -216,7 +214,7 @@ print("RESULT " + json.dumps(result))
 
 
 def test_real_spaces_wrapper_in_simulated_zerogpu(service):
-    """`spaces.GPU` as on ZeroGPU (reference/gradio-streaming.md §3.2): the app's producer runs in the forked
+    """`spaces.GPU` as on ZeroGPU (the decorator forks a worker per call): the app's producer runs in the forked
     worker that spaces makes, arguments and yields go through its pipes, and its stop logic is live."""
     root = Path(__file__).resolve().parent.parent
     script = SIMULATED_ZEROGPU.replace("{chunks}", str(LONG_STREAM))

@@ -5,6 +5,7 @@ stage-3 student streams in the engine)."""
 import csv
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,20 @@ from fashionchameleon.errors import UserInputError
 from fashionchameleon.models.causal_wan import (CausalWanTransformer3DModel, teacher_forcing_block_mask,
                                                 teacher_forcing_mask)
 from fashionchameleon.models.kv_cache import KVSlot, WindowPolicy
-from fashionchameleon.presets import TINY_TRANSFORMER, StreamConfig, build_tiny, get_preset, load_preset
+from fashionchameleon.presets import get_preset, load_preset
+from fashionchameleon.rollout import Rollout
 from fashionchameleon.training.config import STAGES, DataConfig, config_from_dict, load_config
 from fashionchameleon.training.data import (DrawSampler, LatentCache, TripletDataset, choose_caption, collate_triplets,
                                             discover_triplets, load_pixels)
 from fashionchameleon.training.losses import Rngs, chunk_ids, gr_dmd_loss
 from fashionchameleon.training.reward import AestheticHead, chunk_weights, tiny_aesthetic_reward
-from fashionchameleon.training.toydata import write_toy_dataset
 from fashionchameleon.training.trainer import Trainer
+from helpers import GARMENTS, REFERENCE, TINY_TRANSFORMER, caption, write_world_dataset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: The training tests' size: 64x32 frames (2 tokens a latent frame), chunks of 2 latent frames, 16 text tokens.
+STREAM = {"height": 64, "width": 32, "chunk_frames": 2, "max_text_tokens": 16}
+TINY_STREAM = replace(get_preset("tiny").stream, **STREAM)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +44,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# -- the in-context teacher-forcing mask (METHOD.md §3.2) -----------------------------------------------------
+# -- the in-context teacher-forcing mask (docs/method.md §3.2) -----------------------------------------------------
 def test_teacher_forcing_mask_is_the_papers_toy_figure():
     """The 8 x 8 toy of the paper's framework figure: 1-frame chunks, 2 video frames, one token per frame.
     Order: clean src, gar, v1, v2, then noisy src, gar, v1, v2."""
@@ -54,7 +58,7 @@ def test_teacher_forcing_mask_is_the_papers_toy_figure():
         [1, 1, 0, 0, 0, 0, 1, 0],
         [1, 1, 1, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
-    assert torch.equal(teacher_forcing_mask(chunk_ids(2, 1), 1), expected)
+    assert torch.equal(teacher_forcing_mask(chunk_ids(2, 2, 1), 1), expected)
 
 
 def test_teacher_forcing_mask_every_pair_follows_the_method_table():
@@ -82,10 +86,10 @@ def test_teacher_forcing_mask_every_pair_follows_the_method_table():
 
     length = 2 * frames * tokens
     expected = torch.tensor([[allowed(q, k) for k in range(length)] for q in range(length)])
-    mask = teacher_forcing_mask(chunk_ids(chunk_frames * chunks, chunk_frames), tokens)
+    mask = teacher_forcing_mask(chunk_ids(2, chunk_frames * chunks, chunk_frames), tokens)
     assert mask.shape == (length, length)
     assert torch.equal(mask, expected)
-    block = teacher_forcing_block_mask(chunk_ids(chunk_frames * chunks, chunk_frames), tokens)
+    block = teacher_forcing_block_mask(chunk_ids(2, chunk_frames * chunks, chunk_frames), tokens)
     index = torch.arange(length)
     assert torch.equal(block.mask_mod(None, None, index[:, None], index[None, :]), expected)
 
@@ -104,7 +108,7 @@ def test_teacher_forcing_forward_equals_the_streaming_student(tiny_transformer):
     with torch.no_grad():
         full = model(torch.cat([condition, clean, condition, noisy], dim=2), t, text,
                      frame_positions=list(range(frames)) * 2,
-                     attention_mask=teacher_forcing_mask(chunk_ids(2 * cf, cf), tokens)).sample
+                     attention_mask=teacher_forcing_mask(chunk_ids(2, 2 * cf, cf), tokens)).sample
         cache = model.new_kv_cache(1, h, w, policy=WindowPolicy(sink_frames=cf, history_frames=cf))
         model(condition, torch.zeros(1), text, frame_positions=[0, 1], kv_cache=cache,
               cache_write=[KVSlot.REFERENCE, KVSlot.GARMENT], cache_read=())
@@ -122,7 +126,7 @@ def test_flex_block_mask_forward_equals_boolean_mask(tiny_transformer):
 
     model = CausalWanTransformer3DModel(**TINY_TRANSFORMER)
     model.load_state_dict(tiny_transformer.state_dict())
-    ids, tokens = chunk_ids(4, 2), model.tokens_per_frame(4, 2)
+    ids, tokens = chunk_ids(2, 4, 2), model.tokens_per_frame(4, 2)
     x = torch.randn(1, 48, 2 * len(ids), 4, 2, generator=torch.Generator().manual_seed(1))
     text = torch.randn(1, 8, TINY_TRANSFORMER["text_dim"])
     t = torch.full((1, 2 * len(ids)), 500.0)
@@ -136,7 +140,7 @@ def test_flex_block_mask_forward_equals_boolean_mask(tiny_transformer):
     assert (exact - flex).abs().max() < 1e-4
 
 
-# -- GR-DMD: chunk weights and the reweighted loss (METHOD.md §4.2-4.3) -------------------------------------------
+# -- GR-DMD: chunk weights and the reweighted loss (docs/method.md §4.2-4.3) -------------------------------------------
 def weights_of(frame_scores, chunk_frames=2, temperature=0.2):
     return chunk_weights(torch.as_tensor(frame_scores, dtype=torch.float32)[None], temporal_factor=4,
                          chunk_frames=chunk_frames, temperature=temperature)[0]
@@ -184,11 +188,11 @@ def test_gr_dmd_with_uniform_weights_is_plain_dmd():
 
 
 def test_self_forcing_rollout_has_gradient_at_the_exit_step_only():
-    """The rollout is the engine's chunk loop: a prefill, then per chunk the denoising steps up to the shared exit
-    step (only that forward records gradients) and a commit pass without gradients."""
-    pipe = build_tiny(seed=0)
-    engine = StreamingEngine(pipe, StreamConfig(height=64, width=32, chunk_frames=2, sink_frames=2,
-                                                history_frames=2, max_text_tokens=16))
+    """The rollout is the streaming core's chunk loop: a prefill, then per chunk the denoising steps up to the shared
+    exit step (only that forward records gradients) and a commit pass without gradients."""
+    pipe = load_preset("tiny", device="cpu")[1]
+    stream = replace(TINY_STREAM, sink_frames=2, history_frames=2)
+    sigmas = pipe.student_sigmas(stream.denoising_steps)
     gen = torch.Generator().manual_seed(0)
     reference, garment = (torch.randn(1, 48, 1, 4, 2, generator=gen) for _ in range(2))
     text = torch.randn(1, 16, TINY_TRANSFORMER["text_dim"], generator=gen)
@@ -199,9 +203,8 @@ def test_self_forcing_rollout_has_gradient_at_the_exit_step_only():
         return pipe.transformer(*args, **kwargs)
 
     def rollout(exit_step, model=None):
-        stream = engine.start_from_latents(reference, garment, text, torch.Generator().manual_seed(1), model=model,
-                                           exit_step=exit_step)
-        return stream.rollout(2)
+        return Rollout(pipe.transformer, stream, sigmas, reference, garment, text, torch.Generator().manual_seed(1),
+                       model=model, exit_step=exit_step).rollout(2)
 
     video = rollout(2, counting)
     assert video.shape == (1, 48, 4, 4, 2) and video.requires_grad
@@ -274,48 +277,49 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
 
 # -- data -------------------------------------------------------------------------------------------------------
 def tiny_data(root, **kw) -> DataConfig:
-    return DataConfig(root=str(root), height=64, width=32, num_frames=9, max_text_tokens=16, num_workers=0, **kw)
+    return DataConfig(root=str(root), num_frames=9, num_workers=0, **kw)
 
 
 @pytest.mark.parametrize("layout", ["authors", "folder"])
 def test_both_layouts_give_the_same_triplets(tmp_path, layout):
-    write_toy_dataset(tmp_path, layout=layout, clips=2, frames=9)
+    write_world_dataset(tmp_path, layout=layout, clips=2, frames=9)
     config = tiny_data(tmp_path, layout=layout)
     triplets = discover_triplets(config)
-    assert [t.dynamic for t in triplets] == ["A person walks to the left.", "A person walks to the right."]
-    assert triplets[0].long_caption == "A person walks to the left. They stand in a grey studio."
-    item = TripletDataset(triplets, config, seed=0, load_video=True)[(0, 1)]
+    assert [t.dynamic for t in triplets] == [caption(0), caption(1)]
+    assert triplets[0].long_caption == f"{caption(0)} They stand in a plain studio."
+    item = TripletDataset(triplets, config, TINY_STREAM, seed=0, load_video=True)[(0, 1)]
     assert item["reference"].shape == (3, 64, 32) and item["garment"].shape == (3, 64, 32)
     assert item["video"].shape == (3, 9, 64, 32)
     assert item["video"].min() >= -1 and item["video"].max() <= 1
-    # The garment (wider than the frame) is letterboxed on white; the reference is cropped, never padded.
+    # The garment is letterboxed on white; the reference is cropped, never padded.
     assert torch.all(item["garment"][:, 0] == 1.0) and not torch.all(item["reference"][:, 0] == 1.0)
 
 
 def test_broken_and_missing_samples_are_skipped_with_a_warning(tmp_path, caplog):
-    write_toy_dataset(tmp_path, layout="folder", clips=4, frames=9)
+    write_world_dataset(tmp_path, layout="folder", clips=4, frames=9)
     (tmp_path / "clip_000" / "reference.png").unlink()  # missing
     (tmp_path / "clip_001" / "garment.png").write_bytes(b"not a png")  # unreadable
     (tmp_path / "clip_002" / "video.mp4").write_bytes(b"\x00" * 100)  # not a video
     (tmp_path / "clip_003" / "prompt.json").write_text("{")  # bad caption file
-    write_toy_dataset(tmp_path / "more", layout="folder", clips=1, frames=5)  # too short for 9 frames
+    write_world_dataset(tmp_path / "more", layout="folder", clips=1, frames=5)  # too short for 9 frames
     config = tiny_data(tmp_path, layout="folder")
     with caplog.at_level(logging.WARNING):
         triplets = discover_triplets(config)
     assert [t.id for t in triplets] == ["clip_001", "clip_002"]  # "more" has no prompt.json, 000/003 are incomplete
-    dataset = TripletDataset(triplets, config, seed=0, load_video=True)
+    dataset = TripletDataset(triplets, config, TINY_STREAM, seed=0, load_video=True)
     with caplog.at_level(logging.WARNING):
         batch = collate_triplets([dataset[(0, 0)], dataset[(1, 1)]])
     assert batch["draws"] == [0, 1] and batch["prompts"] == [] and "reference" not in batch
     assert "clip_001" in caplog.text and "clip_002" in caplog.text and "clip_000" in caplog.text
     short = discover_triplets(tiny_data(tmp_path / "more", layout="folder"))
-    assert "prompt" not in TripletDataset(short, tiny_data(tmp_path / "more"), seed=0, load_video=True)[(0, 0)]
+    assert "prompt" not in TripletDataset(short, tiny_data(tmp_path / "more"), TINY_STREAM, seed=0,
+                                          load_video=True)[(0, 0)]
     with pytest.raises(UserInputError, match="no usable"):
         discover_triplets(tiny_data(tmp_path / "clip_000", layout="folder"))
 
 
 def test_caption_mixing_and_empty_prompts_follow_the_config(tmp_path):
-    write_toy_dataset(tmp_path, layout="authors", clips=1, frames=5)
+    write_world_dataset(tmp_path, layout="authors", clips=1, frames=5)
     (triplet,) = discover_triplets(tiny_data(tmp_path))
     teacher = config_from_dict("teacher", {}).data
     picks = [choose_caption(triplet, teacher, np.random.default_rng([0, draw])) for draw in range(4000)]
@@ -343,15 +347,16 @@ def test_draw_sampler_resumes_anywhere_and_splits_processes():
 def test_latent_cache_equals_encoding_on_the_fly(tmp_path):
     from fashionchameleon.models.text import PromptEncoder
 
-    write_toy_dataset(tmp_path / "data", layout="authors", clips=2, frames=9)
+    write_world_dataset(tmp_path / "data", layout="authors", clips=2, frames=9)
     config = tiny_data(tmp_path / "data")
     triplets = discover_triplets(config)
-    pipe = build_tiny(seed=0)
-    codec, encoder = pipe.codec, PromptEncoder(pipe.tokenizer, pipe.text_encoder, config.max_text_tokens)
-    cache = LatentCache(tmp_path / "cache", config)
-    cache.build(triplets, config, codec, encoder, LatentCache.prompts(triplets, ["", "negative"]), progress=False)
-    cached = TripletDataset(triplets, config, seed=0, load_video=True, cache=cache)[(5, 1)]
-    raw = TripletDataset(triplets, config, seed=0, load_video=True)[(5, 1)]
+    pipe = load_preset("tiny", device="cpu")[1]
+    codec, encoder = pipe.codec, PromptEncoder(pipe.tokenizer, pipe.text_encoder, TINY_STREAM.max_text_tokens)
+    cache = LatentCache(tmp_path / "cache", config, TINY_STREAM)
+    cache.build(triplets, config, TINY_STREAM, codec, encoder, LatentCache.prompts(triplets, ["", "negative"]),
+                progress=False)
+    cached = TripletDataset(triplets, config, TINY_STREAM, seed=0, load_video=True, cache=cache)[(5, 1)]
+    raw = TripletDataset(triplets, config, TINY_STREAM, seed=0, load_video=True)[(5, 1)]
     assert cached["prompt"] == raw["prompt"]
     assert torch.equal(cached["reference_latent"], codec.encode_image(raw["reference"][None])[0])
     assert torch.equal(cached["garment_latent"], codec.encode_image(raw["garment"][None])[0])
@@ -359,17 +364,18 @@ def test_latent_cache_equals_encoding_on_the_fly(tmp_path):
     assert torch.equal(cached["text"], encoder.encode(raw["prompt"])[0])
     assert torch.equal(cache.load_text("negative"), encoder.encode("negative")[0])
     with pytest.raises(UserInputError, match="built for"):
-        LatentCache(tmp_path / "cache", DataConfig(root=str(tmp_path), height=32, width=32, num_frames=9))
-    assert "video_latent" not in TripletDataset(triplets, config, seed=0, load_video=False, cache=cache)[(0, 0)]
+        LatentCache(tmp_path / "cache", config, replace(TINY_STREAM, height=32))
+    assert "video_latent" not in TripletDataset(triplets, config, TINY_STREAM, seed=0, load_video=False,
+                                                cache=cache)[(0, 0)]
 
 
 def test_load_pixels_fit_and_letterbox_like_the_engine(tmp_path):
     from fashionchameleon import media
 
-    write_toy_dataset(tmp_path, layout="folder", clips=1, frames=5)
+    write_world_dataset(tmp_path, layout="folder", clips=1, frames=5)
     config = tiny_data(tmp_path, layout="folder")
     (triplet,) = discover_triplets(config)
-    pixels = load_pixels(triplet, config, load_video=False)
+    pixels = load_pixels(triplet, config, TINY_STREAM, load_video=False)
     expected = media.image_to_tensor(media.letterbox_garment(media.load_image(triplet.garment), 32, 64))
     assert torch.equal(pixels["garment"], expected) and "video" not in pixels
 
@@ -377,25 +383,24 @@ def test_load_pixels_fit_and_letterbox_like_the_engine(tmp_path):
 # -- the stages end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """One toy clip (so every batch is the same batch) and the tiny preset's own transformer as a weights folder."""
+    """One world clip (so every batch is the same batch) and the tiny preset's own transformer as a weights folder."""
     root = tmp_path_factory.mktemp("training")
-    write_toy_dataset(root / "data", layout="folder", clips=1, frames=13)
-    build_tiny(seed=0).transformer.save_pretrained(root / "base")
+    write_world_dataset(root / "data", layout="folder", clips=1, frames=13)
+    load_preset("tiny", device="cpu")[1].transformer.save_pretrained(root / "base")
     return root
 
 
 def tiny(stage: str, workdir: Path, name: str, **values):
     """A tiny CPU config of `stage` writing to workdir/name; `values` override it (nested dicts merge)."""
     base = {
+        "preset": "tiny", "stream": STREAM,  # 13 frames = 4 latent frames = 2 chunks
         "output_dir": str(workdir / name), "max_steps": 40, "log_every": 1, "checkpoint_every": 1000,
         "export_pipeline": True,
-        "data": {"root": str(workdir / "data"), "layout": "folder", "height": 64, "width": 32, "num_frames": 13,
-                 "max_text_tokens": 16, "num_workers": 0, "mixed_captions": False, "empty_prompt_prob": 0.0},
-        "model": {"pipeline": "tiny", "gradient_checkpointing": True},
+        "data": {"root": str(workdir / "data"), "layout": "folder", "num_frames": 13, "num_workers": 0,
+                 "mixed_captions": False, "empty_prompt_prob": 0.0},
+        "model": {"gradient_checkpointing": True},
         "optim": {"lr": 3e-3, "warmup_steps": 0, "decay_steps": []},
     }
-    if stage != "teacher":
-        base["chunk_frames"] = 2  # 4 latent frames = 2 chunks
     for key, value in values.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return config_from_dict(stage, base)
@@ -532,8 +537,7 @@ def test_stage3_student_loads_into_the_engine_and_streams(workdir, dmd_runs, for
 
     preset, pipe = load_preset("tiny", checkpoint=workdir / "straight" / "pipeline", device="cpu")
     assert_same(pipe.transformer.state_dict(), straight.ema.shadow)
-    stream = StreamingEngine(pipe, preset.stream).start(ASSETS / "reference.png", ASSETS / "garment_blue_checks.png",
-                                                        "a person walks", seed=0, chunks=2)
+    stream = StreamingEngine(pipe).start(REFERENCE, GARMENTS[1], "a person walks", seed=0, chunks=2)
     chunks = list(stream)
     assert [len(chunk.frames) for chunk in chunks] == [9, 12]
     assert chunks[0].frames.shape[1:] == (get_preset("tiny").stream.height, get_preset("tiny").stream.width, 3)

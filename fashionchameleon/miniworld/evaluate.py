@@ -8,8 +8,8 @@ Clip i gives a person P, the reference (P's first frame in garment B), garment A
   can score (garment scores 1, continuity ~1), so every metric is read against it.
 - `reference_copy`: the reference frame repeated (a negative control: the wrong garment B, no motion).
 - `student/<mode>`: the 4-step streaming student with one switch, per switching mode (the paper's ablation).
-- `teacher`, `student`: one clip of `teacher_latent_frames` without a switch: the bidirectional teacher (many steps,
-  guidance) against the streaming student (4 steps, no guidance) on the same inputs.
+- `teacher`, `student`: one clip of the teacher's `latent_frames` without a switch: the bidirectional teacher (many
+  steps, guidance) against the streaming student (4 steps, no guidance) on the same inputs.
 
 Metrics (means over clips, `metrics.py`): garment score/colour error against A before the switch and against C
 after it; `follows_new_garment`, the fraction of clips whose post-switch garment is closer in colour to C than to
@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from ..engine import StreamingEngine, SwitchMode, sample_bidirectional
+from ..engine import StreamingEngine, SwitchMode
 from ..errors import UserInputError
+from ..teacher import TeacherSampling, sample_bidirectional
 from . import metrics
 from .world import Garment, Person, make_triplet, render, sample_garment
 
@@ -100,9 +101,9 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _switch_timing(engine: StreamingEngine, chunks: int, switch_chunk: int) -> tuple[int, int]:
+def _switch_timing(pipe, chunks: int, switch_chunk: int) -> tuple[int, int]:
     """(first pixel frame after a switch requested before chunk `switch_chunk`, pixel frames of `chunks` chunks)."""
-    codec, chunk = engine.codec, engine.config.chunk_frames
+    codec, chunk = pipe.codec, pipe.stream.chunk_frames
     switch_frame = codec.pixel_frames(chunk, first=True) + codec.pixel_frames(chunk * (switch_chunk - 1), first=False)
     return switch_frame, switch_frame + codec.pixel_frames(chunk * (chunks - switch_chunk), first=False)
 
@@ -114,17 +115,18 @@ def _stream(engine: StreamingEngine, clip: Clip, chunks: int, seed: int,
     return np.concatenate([chunk.frames for chunk in stream.play(switches)])
 
 
-def evaluate(pipe, stream_config, config: EvalConfig = EvalConfig(), teacher=None,
+def evaluate(pipe, config: EvalConfig = EvalConfig(), teacher=None, sampling: TeacherSampling | None = None,
              progress: bool = False) -> dict:
     """Every row of the module docstring over `config.clips` held-out clips; `teacher` is the teacher transformer
-    (None: no teacher rows)."""
+    sampled as `sampling` says (None: no teacher rows)."""
     from tqdm import tqdm
 
     if not 1 <= config.switch_chunk < config.chunks:
         raise UserInputError(f"switch_chunk must lie in 1 .. chunks-1, got {config.switch_chunk} of {config.chunks}")
-    engines = {mode: StreamingEngine(pipe, stream_config, switch_mode=mode) for mode in config.modes}
+    stream_config = pipe.stream
+    engines = {mode: StreamingEngine(pipe, switch_mode=mode) for mode in config.modes}
     chunk = stream_config.chunk_frames
-    switch_frame, frames = _switch_timing(next(iter(engines.values())), config.chunks, config.switch_chunk)
+    switch_frame, frames = _switch_timing(pipe, config.chunks, config.switch_chunk)
     rows: dict[str, list[dict[str, float]]] = {}
     for index in tqdm(range(config.clips), disable=not progress, unit="clip"):
         clip = held_out_clip(index, frames, switch_frame, stream_config.height, stream_config.width)
@@ -137,15 +139,9 @@ def evaluate(pipe, stream_config, config: EvalConfig = EvalConfig(), teacher=Non
             rows.setdefault(f"student/{mode}", []).append(score_video(video, clip, switch_frame))
         if teacher is not None:
             engine = next(iter(engines.values()))
-            latent_frames = stream_config.teacher_latent_frames
-            student = _stream(engine, clip, latent_frames // chunk, seed, {})
+            student = _stream(engine, clip, sampling.latent_frames // chunk, seed, {})
             rows.setdefault("student", []).append(score_video(student, clip, None))
-            student_model = pipe.transformer
-            pipe.register_modules(transformer=teacher)
-            try:
-                video = sample_bidirectional(engine, *clip.images[:2], seed=seed)
-            finally:
-                pipe.register_modules(transformer=student_model)
+            video = sample_bidirectional(pipe, teacher, sampling, *clip.images[:2], seed=seed)
             rows.setdefault("teacher", []).append(score_video(video, clip, None))
     return {"config": asdict(config), "frames": frames, "switch_frame": switch_frame,
             "rows": {name: _mean(values) for name, values in rows.items()}}
@@ -167,13 +163,13 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
-def example_strip(pipe, stream_config, index: int = 0, chunks: int = 8, switch_chunk: int = 4,
-                  seed: int = 0, every: int = 2) -> np.ndarray:
+def example_strip(pipe, index: int = 0, chunks: int = 8, switch_chunk: int = 4, seed: int = 0,
+                  every: int = 2) -> np.ndarray:
     """uint8 image: inputs (reference, garment A, garment C) then every `every`-th streamed frame of a switch,
     above the same frames of the ground truth, for the README and the model card."""
-    engine = StreamingEngine(pipe, stream_config)
-    switch_frame, frames = _switch_timing(engine, chunks, switch_chunk)
-    clip = held_out_clip(index, frames, switch_frame, stream_config.height, stream_config.width)
+    engine = StreamingEngine(pipe)
+    switch_frame, frames = _switch_timing(pipe, chunks, switch_chunk)
+    clip = held_out_clip(index, frames, switch_frame, pipe.stream.height, pipe.stream.width)
     video = _stream(engine, clip, chunks, seed, {switch_chunk: clip.images[2]})
     inputs = [np.asarray(image) for image in clip.images]
     blank = np.full_like(inputs[0], 255)

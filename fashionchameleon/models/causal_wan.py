@@ -41,6 +41,12 @@ class TextKV:
     values: list[torch.Tensor]
 
 
+def embedding_timesteps(t: torch.Tensor) -> torch.Tensor:
+    """Timesteps as the authors' time embedding saw them: rounded through bf16, then truncated to an integer
+    (1000, 937.5, 833.3, 625 -> 1000, 936, 832, 624; docs/method.md §1)."""
+    return t.to(torch.bfloat16).long().float()
+
+
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs; the same arithmetic as the closure inside diffusers 0.42 `WanAttnProcessor`."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -124,7 +130,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     Extra forward inputs: `frame_positions` (RoPE temporal index of each latent frame), `kv_cache` with
     `cache_write`/`cache_read` (which slots this call stores to and attends to), `attention_mask` for a
     full-sequence forward (teacher forcing, equivalence tests), `text_kv` instead of text embeddings.
-    `timestep` may be per sample [B], per frame [B, F] or per token [B, F*tokens_per_frame].
+    `timestep` may be per sample [B], per frame [B, F] or per token [B, F*tokens_per_frame], always the exact
+    flow-matching t = sigma * num_train_timesteps: the model applies its own input rules to it.
+
+    Input rules (docs/method.md §1-§2): with `round_timesteps` (the authors' models, hence the default) the time
+    embedding sees t rounded through bf16 and truncated to an integer (937.5 -> 936), while the noise level stays
+    exact. The in-context layout puts the conditioning latents (reference, garment) in front of the video at t = 0
+    and RoPE positions 0, 1 (`in_context_velocity`).
 
     `prediction_type="sample"` (our `mini` preset; Wan2.2 is "flow") lets the network predict the clean latent x0
     and returns the velocity (x_t - x0) / max(sigma, sample_sigma_min), sigma = t / num_train_timesteps: the noise
@@ -156,6 +168,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         prediction_type: str = "flow",
         sample_sigma_min: float = 0.05,
         num_train_timesteps: int = 1000,
+        round_timesteps: bool = True,
     ) -> None:
         if prediction_type not in ("flow", "sample"):
             raise ValueError(f"prediction_type must be 'flow' or 'sample', got {prediction_type!r}")
@@ -239,7 +252,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return tuple(out)
 
     def embed_timesteps(self, timestep: torch.Tensor, num_frames: int, frame_tokens: int, dtype: torch.dtype):
-        """Per-token adaLN inputs (temb [B, L, C], timestep_proj [B, L, 6, C]) from [B], [B, F] or [B, L] timesteps.
+        """Per-token adaLN inputs (temb [B, L, C], timestep_proj [B, L, 6, C]) from exact [B], [B, F] or [B, L]
+        timesteps, rounded first when `round_timesteps`.
 
         Embeddings are computed per frame and repeated over the frame's tokens: the values equal the stock
         per-token path, at 1/tokens_per_frame of the embedding cost.
@@ -254,6 +268,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         else:
             raise ValueError(f"timestep has {timestep.shape[1]} entries per sample; expected 1, {num_frames} or "
                              f"{num_frames * frame_tokens}")
+        if self.config.round_timesteps:
+            timestep = embedding_timesteps(timestep)
         embedder = self.condition_embedder
         emb = embedder.timesteps_proj(timestep.flatten()).unflatten(0, timestep.shape)
         time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
@@ -337,6 +353,23 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return velocity.to(sample.dtype)
 
 
+def in_context_velocity(model, condition: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
+                        text: torch.Tensor | TextKV) -> torch.Tensor:
+    """One bidirectional in-context forward (the teacher's layout, docs/method.md §2.1): [condition ; noisy video].
+
+    `model` is the transformer or a wrapper that calls it (accelerate, DDP, FSDP). `condition` [B, C, n, h, w] are
+    the reference and garment latents (t = 0, RoPE 0 .. n-1), `noisy` [B, C, F, h, w] the video at exact `t` [B]
+    or [B, F], `text` UMT5 embeddings [B, L, D] or a prompt's precomputed `TextKV`.
+    Returns the velocity of the video frames [B, C, F, h, w]; the conditioning frames' outputs are dropped.
+    """
+    batch, frames, condition_frames = noisy.shape[0], noisy.shape[2], condition.shape[2]
+    t = t[:, None].expand(batch, frames) if t.ndim == 1 else t
+    frame_t = torch.cat([t.new_zeros(batch, condition_frames), t], dim=1)
+    inputs = torch.cat([condition, noisy.to(condition.dtype)], dim=2)
+    text_kwargs = {"text_kv": text} if isinstance(text, TextKV) else {"encoder_hidden_states": text}
+    return model(inputs, frame_t, **text_kwargs).sample[:, :, condition_frames:]
+
+
 def block_causal_mask(
     chunk_ids: Sequence[int] | torch.Tensor,
     frame_tokens: int,
@@ -365,7 +398,7 @@ def teacher_forcing_mask(
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """[2L, 2L] bool mask of in-context teacher forcing (METHOD.md §3.2), True = may attend.
+    """[2L, 2L] bool mask of in-context teacher forcing (docs/method.md §3.2), True = may attend.
 
     The sequence is [clean half ; noisy half], both holding the same frames. `chunk_ids` has one id per latent
     frame of one half, as in `block_causal_mask`: 0 for the conditioning frames, 1, 2, ... for the video chunks.

@@ -1,10 +1,10 @@
 """Read official FashionChameleon / Self-Forcing transformer checkpoints into diffusers `WanTransformer3DModel` names.
 
-Official files (METHOD.md §6) are `torch.save`d dicts holding `generator_ema` and/or `generator` (or `model`),
+Official files (docs/method.md §6) are `torch.save`d dicts holding `generator_ema` and/or `generator` (or `model`),
 each a state dict keyed `model.` + native Wan2.2 names. The name mapping itself is diffusers'
 `convert_wan_transformer_to_diffusers` (checked exact on TI2V-5B-style keys, incl. the norm2/norm3 swap and
 `head.modulation -> scale_shift_table`); this module only adds what it lacks: choosing the sub-dict, stripping
-the wrapper prefixes, validating, the inverse mapping and user-facing errors.
+the wrapper prefixes, validating and user-facing errors.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from fashionchameleon.errors import UserInputError
 __all__ = [
     "load_official_checkpoint",
     "convert_official_state_dict",
-    "to_official_state_dict",
     "load_transformer_weights",
 ]
 
@@ -41,33 +40,6 @@ _WAN_KEY_RE = re.compile(
 )
 # Diffusers names, used to accept files already in diffusers format.
 _DIFFUSERS_MARKERS = ("condition_embedder.", "proj_out.", "scale_shift_table")
-
-# Inverse of diffusers' table (diffusers -> native), applied in order with str.replace; the norm2/norm3 swap goes
-# through a placeholder exactly as the forward table does.
-_TO_OFFICIAL = (
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("attn1.", "self_attn."),
-    ("attn2.", "cross_attn."),
-    (".to_out.0.", ".o."),
-    (".to_q.", ".q."),
-    (".to_k.", ".k."),
-    (".to_v.", ".v."),
-    (".add_k_proj.", ".k_img."),
-    (".add_v_proj.", ".v_img."),
-    (".norm_added_k.", ".norm_k_img."),
-    ("proj_out", "head.head"),
-    ("scale_shift_table", "modulation"),
-    ("ffn.net.0.proj", "ffn.0"),
-    ("ffn.net.2", "ffn.2"),
-    ("norm2", "norm__placeholder"),
-    ("norm3", "norm2"),
-    ("norm__placeholder", "norm3"),
-)
-
 
 def _strip_prefixes(key: str) -> str:
     changed = True
@@ -88,20 +60,6 @@ def convert_official_state_dict(state_dict: dict) -> dict:
     Delegates to diffusers' single-file converter on a shallow copy (it pops keys from its argument).
     """
     return convert_wan_transformer_to_diffusers(dict(state_dict))
-
-
-def to_official_state_dict(state_dict: dict) -> dict:
-    """Diffusers names -> `model.` + native Wan2.2 names, the layout of an official `model.pt` generator dict."""
-    out = {}
-    for key, value in state_dict.items():
-        if key == "scale_shift_table":  # the head's table; the blocks' ones become `modulation`
-            new = "head.modulation"
-        else:
-            new = key
-            for old, rep in _TO_OFFICIAL:
-                new = new.replace(old, rep)
-        out["model." + new] = value
-    return out
 
 
 def _select_state_dict(obj, path: Path) -> dict:

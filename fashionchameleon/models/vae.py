@@ -177,11 +177,6 @@ class StreamingDecoder:
         self._shape: tuple[int, int, int] | None = None  # (B, h, w) the cache was built for
         self.frames_out = 0
 
-    @property
-    def started(self) -> bool:
-        """Whether the stream has decoded anything since the last reset."""
-        return self._shape is not None
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents `[B, C, n, h, w]` -> pixels `[B, 3, frames, 16h, 16w]` clamped to [-1, 1].
@@ -304,16 +299,10 @@ class FrameDecoder:
 
     def reset(self) -> None:
         self.frames_out = 0
-        self._started = False
-
-    @property
-    def started(self) -> bool:
-        return self._started
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         _check_5d("latents", latents)
         out = self.codec.decode_video(latents)
-        self._started = True
         self.frames_out += out.shape[2]
         return out
 

@@ -1,8 +1,11 @@
-"""Training configs: one dataclass per stage, whose defaults are the paper's settings (METHOD.md §2-§5).
+"""Training configs: one dataclass per stage, whose defaults are the paper's settings (docs/method.md §2-§5).
 
 A YAML or JSON file overrides only what differs (nanoGPT's habit): `configs/teacher_5b.yaml` spells the paper's
-5B run out in full, `configs/*_tiny.yaml` shrink it to a CPU run on the same code path. Where the authors' released
-configs differ from the paper (METHOD.md §10), the default follows the paper and the comment names the other value.
+5B run out in full, `configs/*_tiny.yaml` shrink it to a CPU run on the same code path. What a run shares with
+inference (architecture, schedule, frame size, chunking, steps, text length) comes from the preset it names;
+`stream:` overrides the preset's stream settings for a run that trains at another size. Where the authors' released
+configs differ from the paper (docs/method.md §10), the default follows the paper and the comment names the other
+value.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any, ClassVar
 import yaml
 
 from ..errors import UserInputError
+from ..rollout import StreamConfig
 
-# The Wan2.x negative prompt; the unconditional branch of DMD's CFG uses it (METHOD.md §2.4), never "".
+# The Wan2.x negative prompt; the unconditional branch of DMD's CFG uses it (docs/method.md §2.4), never "".
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
@@ -29,7 +33,8 @@ WAN_NEGATIVE_PROMPT = (
 
 @dataclass
 class DataConfig:
-    """Where the triplets are and how a sample becomes tensors (METHOD.md §2)."""
+    """Where the triplets are and how a sample becomes tensors (docs/method.md §2); frames, reference and garment
+    are sized to the run's stream."""
 
     root: str = "data"  # dataset folder
     layout: str = "authors"  # "authors": meta_train.csv + X_src.png / X_cloth.png beside X.mp4; "folder": ours;
@@ -42,10 +47,7 @@ class DataConfig:
     short_caption_prob: float = 0.7
     empty_prompt_prob: float = 0.0  # the teacher stage trains the unconditional branch with 0.1
     garment_drop_prob: float = 0.0  # show a blank garment canvas instead (trains garment guidance; `mini`: 0.1)
-    height: int = 1280  # pixels: reference fit/crop, garment letterbox and video frames
-    width: int = 704
     num_frames: int = 81  # first N frames of each clip, no resampling; 4k + 1
-    max_text_tokens: int = 512
     latent_cache: str | None = None  # folder of pre-encoded VAE/UMT5 outputs (built on first use)
     num_workers: int = 4
 
@@ -54,14 +56,12 @@ class DataConfig:
 class ModelConfig:
     """Which weights each network starts from."""
 
-    pipeline: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # diffusers folder/hub id, or a random preset ("tiny")
-    seed: int = 0  # weights seed of a random preset
-    random_weights: bool = False  # start a preset that has trained weights (`mini`) from fresh random ones
+    pipeline: str | None = None  # local diffusers folder (ours or a stock Wan2.2 one); None: the preset's own weights
+    seed: int = 0  # weights seed of fresh random weights
+    random_weights: bool = False  # start from fresh random weights of the preset's architecture
     init: str | None = None  # trained transformer weights (folder, .safetensors or model.pt); None: the pipeline's
     teacher: str | None = None  # DMD: stage-1 weights for the frozen real score and the critic's start
     gradient_checkpointing: bool = True
-    num_train_timesteps: int = 1000  # the flow-matching training table (METHOD.md §1)
-    timestep_shift: float = 5.0
 
 
 @dataclass
@@ -84,7 +84,7 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    """GR-DMD's reward (METHOD.md §4.1): "aesthetic" (CLIP ViT-L/14 + LAION MLP from local files), "tiny" (a
+    """GR-DMD's reward (docs/method.md §4.1): "aesthetic" (CLIP ViT-L/14 + LAION MLP from local files), "tiny" (a
     seeded stand-in of the same architecture, for tests) or "none" (uniform weights: plain DMD)."""
 
     kind: str = "aesthetic"
@@ -98,6 +98,8 @@ class TrainConfig:
     """What every stage shares: the run, the data, the weights, the optimizer of the trained network."""
 
     stage: ClassVar[str] = ""
+    preset: str = "wan22-ti2v-5b"  # the model: architecture, schedule and stream settings (presets.py)
+    stream: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's stream settings
     output_dir: str = "runs/train"
     seed: int = 0  # process k uses seed + k for noise and data; the shared exit step uses seed on every process
     max_steps: int = 1000
@@ -111,7 +113,7 @@ class TrainConfig:
     export_pipeline: bool = False  # also save a whole pipeline folder (what `--preset tiny --checkpoint` loads)
     ema_decay: float = 0.0  # EMA of the trained network; 0 = none
     ema_start_step: int = 0
-    loss_weighting: str = "wan"  # flow-matching loss weight over t: "wan" bell curve (METHOD.md §5) or "none"
+    loss_weighting: str = "wan"  # flow-matching loss weight over t: "wan" bell curve (docs/method.md §5) or "none"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -119,10 +121,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **dataclasses.asdict(self)}
 
+    def stream_config(self) -> StreamConfig:
+        """The preset's stream settings with this run's `stream` overrides (an unknown key is an error)."""
+        from ..presets import get_preset
+
+        return _build(StreamConfig, self.stream, "stream.", default=get_preset(self.preset).stream)
+
 
 @dataclass
 class TeacherConfig(TrainConfig):
-    """Stage 1, in-context teacher: bidirectional full fine-tune with flow matching (METHOD.md §5)."""
+    """Stage 1, in-context teacher: bidirectional full fine-tune with flow matching (docs/method.md §5)."""
 
     stage: ClassVar[str] = "teacher"
     max_steps: int = 2300  # authors' config: 5000
@@ -133,26 +141,24 @@ class TeacherConfig(TrainConfig):
 
 @dataclass
 class ForcingConfig(TrainConfig):
-    """Stage 2, in-context teacher forcing: clean + noisy halves under the §3.2 mask, t per chunk."""
+    """Stage 2, in-context teacher forcing: clean + noisy halves under the §3.2 mask, t per chunk of the stream."""
 
     stage: ClassVar[str] = "forcing"
     max_steps: int = 4000  # authors' config: 7000
-    chunk_frames: int = 3  # latent frames per chunk
     attention: str = "mask"  # "mask": exact boolean mask (any device); "flex": FlexAttention BlockMask (GPU)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=(0.0, 0.999), grad_clip=10.0))
 
 
 @dataclass
 class DMDConfig(TrainConfig):
-    """Stage 3, gradient-reweighted DMD (METHOD.md §4): `optim` is the generator's, `critic_optim` the fake score's."""
+    """Stage 3, gradient-reweighted DMD (docs/method.md §4): `optim` is the generator's, `critic_optim` the fake
+    score's. The rollout uses the stream's chunks and steps; the real score's guidance drops what the preset's
+    teacher was trained to drop (text or garment)."""
 
     stage: ClassVar[str] = "dmd"
-    max_steps: int = 400  # authors' config: 3000 (the paper's 400 may count generator updates; METHOD.md §11)
-    chunk_frames: int = 3
-    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)  # warped by the scheduler's shift
+    max_steps: int = 400  # authors' config: 3000 (the paper's 400 may count generator updates; docs/method.md §11)
     generator_every: int = 5  # the generator updates when step % generator_every == 0; the critic every step
     guidance_scale: float = 3.0  # real score = cond + scale * (cond - uncond)
-    guidance_condition: str = "text"  # uncond drops "text" (negative prompt) or "garment" (blank canvas; `mini`)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     timestep_range: tuple[float, float] = (0.02, 0.98)  # DMD/critic t, as a fraction of the training steps
     context_noise: float = 0.0  # sigma of the noise in the rollout's commit pass (authors' training: ~0.005)
@@ -188,17 +194,20 @@ def load_config(path: str | Path, stage: str) -> TrainConfig:
 
 
 def config_from_dict(stage: str, values: dict[str, Any]) -> TrainConfig:
-    """The stage's config with `values` (nested dicts) applied; unknown keys and bad types are errors."""
-    return _build(STAGES[stage], values, "")
+    """The stage's config with `values` (nested dicts) applied; unknown keys, bad types and an unknown preset or
+    stream setting are errors."""
+    config = _build(STAGES[stage], values, "")
+    config.stream_config()
+    return config
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str):
+def _build(cls: type, values: dict[str, Any], prefix: str, default: Any = None):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserInputError(f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(fields))}")
-    default = cls()
+    default = cls() if default is None else default
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -230,6 +239,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return value
         if hint in (str, bool) and isinstance(value, hint):
             return value
+        if origin is dict and isinstance(value, dict):
+            return dict(value)
     except (TypeError, ValueError):
         pass
     raise UserInputError(f"config key {name} must be {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,4 +1,4 @@
-"""Training triplets (video, reference image, garment image, caption) from disk, raw or pre-encoded (METHOD.md §2).
+"""Training triplets (video, reference image, garment image, caption) from disk, raw or pre-encoded (docs/method.md §2).
 
 Two layouts on disk:
 
@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import media
 from ..errors import UserInputError
+from ..rollout import StreamConfig
 from .config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -68,16 +69,17 @@ class Triplet:
         return tuple(dict.fromkeys((self.dynamic, self.long_caption, "")))
 
 
-def drop_garment(item: dict[str, Any], config: DataConfig, rng: np.random.Generator) -> dict[str, Any]:
+def drop_garment(item: dict[str, Any], config: DataConfig, stream: StreamConfig,
+                 rng: np.random.Generator) -> dict[str, Any]:
     """With `garment_drop_prob`, show the blank garment canvas instead of the garment (garment guidance's
     unconditional branch, as the empty prompt is the text's)."""
     if rng.random() < config.garment_drop_prob:
-        item["garment"] = media.image_to_tensor(media.blank_garment(config.width, config.height))
+        item["garment"] = media.image_to_tensor(media.blank_garment(stream.width, stream.height))
     return item
 
 
 def choose_caption(triplet: Triplet, config: DataConfig, rng: np.random.Generator) -> str:
-    """Mixed captions (METHOD.md §2.4): the dynamic part alone with `short_caption_prob`, else dynamic + static;
+    """Mixed captions (docs/method.md §2.4): the dynamic part alone with `short_caption_prob`, else dynamic + static;
     then the empty prompt with `empty_prompt_prob` (the teacher's unconditional branch)."""
     short, empty = rng.random(2)
     caption = triplet.dynamic if config.mixed_captions and short < config.short_caption_prob else triplet.long_caption
@@ -173,9 +175,11 @@ def read_clip(path: Path, num_frames: int, width: int, height: int) -> torch.Ten
     return torch.stack(frames, dim=1)
 
 
-def load_pixels(triplet: Triplet, config: DataConfig, load_video: bool) -> dict[str, torch.Tensor]:
-    """reference [3, H, W] (fit/crop), garment [3, H, W] (letterboxed on white), video [3, F, H, W] if asked."""
-    size = (config.width, config.height)
+def load_pixels(triplet: Triplet, config: DataConfig, stream: StreamConfig,
+                load_video: bool) -> dict[str, torch.Tensor]:
+    """reference [3, H, W] (fit/crop), garment [3, H, W] (letterboxed on white), video [3, F, H, W] if asked, at the
+    stream's frame size."""
+    size = (stream.width, stream.height)
     out = {
         "reference": media.image_to_tensor(media.fit_reference(media.load_image(triplet.reference), *size)),
         "garment": media.image_to_tensor(media.letterbox_garment(media.load_image(triplet.garment), *size)),
@@ -194,10 +198,10 @@ class LatentCache:
     are exactly zero, so they are re-padded on load). `meta.json` records the sizes the cache was built for.
     """
 
-    def __init__(self, root: str | Path, config: DataConfig) -> None:
+    def __init__(self, root: str | Path, config: DataConfig, stream: StreamConfig) -> None:
         self.root = Path(root)
-        self.max_text_tokens = config.max_text_tokens
-        self.meta = {"height": config.height, "width": config.width, "num_frames": config.num_frames}
+        self.max_text_tokens = stream.max_text_tokens
+        self.meta = {"height": stream.height, "width": stream.width, "num_frames": config.num_frames}
         meta_path = self.root / "meta.json"
         if meta_path.is_file():
             found = json.loads(meta_path.read_text())
@@ -235,7 +239,8 @@ class LatentCache:
         return all(self.text_path(prompt).is_file() for prompt in prompts)
 
     @torch.no_grad()
-    def build(self, triplets: list[Triplet], config: DataConfig, codec, prompt_encoder, prompts: list[str],
+    def build(self, triplets: list[Triplet], config: DataConfig, stream: StreamConfig, codec, prompt_encoder,
+              prompts: list[str],
               *, rank: int = 0, world: int = 1, progress: bool = True) -> None:
         """Encode what is missing (`prompt_encoder` may be None when `has_text(prompts)`); process `rank` of
         `world` takes every world-th item. Broken clips are skipped with a warning (and again in training)."""
@@ -256,7 +261,7 @@ class LatentCache:
             if path.is_file():
                 continue
             try:
-                pixels = load_pixels(triplet, config, load_video=True)
+                pixels = load_pixels(triplet, config, stream, load_video=True)
             except SAMPLE_ERRORS as error:
                 logger.warning("not caching sample %s: %s", triplet.id, error)
                 continue
@@ -288,10 +293,10 @@ class TripletDataset(torch.utils.data.Dataset):
     `text` [max_text_tokens, D]. `load_video=False` (data-free DMD) skips the clip itself.
     """
 
-    def __init__(self, triplets: list[Triplet], config: DataConfig, *, seed: int, load_video: bool,
-                 cache: LatentCache | None = None) -> None:
+    def __init__(self, triplets: list[Triplet], config: DataConfig, stream: StreamConfig, *, seed: int,
+                 load_video: bool, cache: LatentCache | None = None) -> None:
         self.triplets = triplets
-        self.config = config
+        self.config, self.stream = config, stream
         self.seed = seed
         self.load_video = load_video
         self.cache = cache
@@ -307,7 +312,7 @@ class TripletDataset(torch.utils.data.Dataset):
         prompt = choose_caption(triplet, self.config, rng)
         try:
             if self.cache is None:
-                tensors = load_pixels(triplet, self.config, self.load_video)
+                tensors = load_pixels(triplet, self.config, self.stream, self.load_video)
             else:
                 tensors = {**self.cache.load_sample(triplet, self.load_video), "text": self.cache.load_text(prompt)}
         except SAMPLE_ERRORS as error:
@@ -315,18 +320,18 @@ class TripletDataset(torch.utils.data.Dataset):
                 self._reported.add(triplet.id)
                 logger.warning("skipping broken sample %s: %s", triplet.id, error)
             return {"draw": draw}
-        return drop_garment({"draw": draw, "prompt": prompt, **tensors}, self.config, rng)
+        return drop_garment({"draw": draw, "prompt": prompt, **tensors}, self.config, self.stream, rng)
 
 
 class MiniWorldDataset(torch.utils.data.Dataset):
-    """`layout: miniworld`: clip `index` is `miniworld.make_triplet(index)` drawn at the data size, so the dataset
+    """`layout: miniworld`: clip `index` is `miniworld.make_triplet(index)` drawn at the stream size, so the dataset
     needs no files and a seed reproduces every sample; items are `TripletDataset`'s (pixels, empty prompt: the
     world has no captions)."""
 
-    def __init__(self, config: DataConfig, *, seed: int, load_video: bool) -> None:
+    def __init__(self, config: DataConfig, stream: StreamConfig, *, seed: int, load_video: bool) -> None:
         if config.clips < 1:
             raise UserInputError(f"data.clips must be >= 1, got {config.clips}")
-        self.config, self.seed, self.load_video = config, seed, load_video
+        self.config, self.stream, self.seed, self.load_video = config, stream, seed, load_video
 
     def __len__(self) -> int:
         return self.config.clips
@@ -336,25 +341,28 @@ class MiniWorldDataset(torch.utils.data.Dataset):
 
         draw, index = key
         config = self.config
-        triplet = make_triplet(index, config.num_frames if self.load_video else 1, config.height, config.width)
+        stream = self.stream
+        triplet = make_triplet(index, config.num_frames if self.load_video else 1, stream.height, stream.width)
         item = {"draw": draw, "prompt": "", "reference": media.image_to_tensor(triplet.reference),
                 "garment": media.image_to_tensor(triplet.garment_image)}
         if self.load_video:
             item["video"] = torch.stack([media.image_to_tensor(frame) for frame in triplet.video], dim=1)
-        return drop_garment(item, config, np.random.default_rng([self.seed, draw]))
+        return drop_garment(item, config, stream, np.random.default_rng([self.seed, draw]))
 
 
-def build_dataset(config: DataConfig, *, seed: int, load_video: bool, cache: "LatentCache | None",
+def build_dataset(config: DataConfig, stream: StreamConfig, *, seed: int, load_video: bool,
+                  cache: "LatentCache | None",
                   stage_prompts: list[str]) -> tuple[torch.utils.data.Dataset, list[Triplet], list[str]]:
     """(dataset, its on-disk triplets, every prompt the run embeds) for `config.layout`."""
     if config.layout == "miniworld":
         if cache is not None:
             raise UserInputError("data.layout 'miniworld' draws samples on the fly: leave data.latent_cache unset")
-        return MiniWorldDataset(config, seed=seed, load_video=load_video), [], list(dict.fromkeys([*stage_prompts, ""]))
+        dataset = MiniWorldDataset(config, stream, seed=seed, load_video=load_video)
+        return dataset, [], list(dict.fromkeys([*stage_prompts, ""]))
     if cache is not None and config.garment_drop_prob:
         raise UserInputError("data.garment_drop_prob needs pixels: it cannot be used with data.latent_cache")
     triplets = discover_triplets(config)
-    dataset = TripletDataset(triplets, config, seed=seed, load_video=load_video, cache=cache)
+    dataset = TripletDataset(triplets, config, stream, seed=seed, load_video=load_video, cache=cache)
     return dataset, triplets, LatentCache.prompts(triplets, stage_prompts)
 
 

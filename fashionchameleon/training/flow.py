@@ -1,5 +1,5 @@
-"""Flow matching as the three stages use it (METHOD.md §1, §5): the shifted training table, its loss weights,
-noising, and the in-context forward of the bidirectional models.
+"""Flow matching as the three stages use it (docs/method.md §1, §5): the shifted training table, its loss weights,
+noising and the loss (the in-context forward itself is `models.causal_wan.in_context_velocity`).
 
 x_t = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0, so x0 = x_t - sigma v.
 """
@@ -7,8 +7,6 @@ x_t = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0, so x0 = x_t -
 from __future__ import annotations
 
 import torch
-
-from ..engine import CONDITION_FRAMES, embedding_timesteps
 
 
 class FlowTable:
@@ -41,7 +39,7 @@ class FlowTable:
         return torch.randint(0, self.num_train_timesteps, shape, generator=generator, device=generator.device)
 
     def sample_dmd_sigma(self, batch: int, clamp: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
-        """DMD/critic noise level per sample [B] (METHOD.md §4.3): u ~ U{0..N-1}/N, shifted, clamped to `clamp`."""
+        """DMD/critic noise level per sample [B] (docs/method.md §4.3): u ~ U{0..N-1}/N, shifted, clamped to `clamp`."""
         u = self.sample_index((batch,), generator).double() / self.num_train_timesteps
         return self.shift(u).clamp(*clamp).float()
 
@@ -60,21 +58,6 @@ def _frames(sigma: torch.Tensor) -> torch.Tensor:
     """[B] or [B, F] -> broadcastable over [B, C, F, h, w]."""
     sigma = sigma.float()
     return sigma.view(-1, 1, 1, 1, 1) if sigma.ndim == 1 else sigma[:, None, :, None, None]
-
-
-def predict_velocity(model, condition: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                     text: torch.Tensor) -> torch.Tensor:
-    """One in-context forward over [reference, garment, video] (METHOD.md §2.1), full attention.
-
-    `condition` [B, C, 2, h, w] (t = 0), `noisy` [B, C, F, h, w] at `t` [B] or [B, F] (exact values; the time
-    embedding sees them bf16-rounded like the authors' models), `text` [B, L, D] UMT5 embeddings.
-    Returns the velocity of the video frames [B, C, F, h, w]; the conditioning frames' outputs are dropped.
-    """
-    batch, frames = noisy.shape[0], noisy.shape[2]
-    t = t[:, None].expand(batch, frames) if t.ndim == 1 else t
-    frame_t = torch.cat([t.new_zeros(batch, CONDITION_FRAMES), t], dim=1)
-    inputs = torch.cat([condition, noisy], dim=2)
-    return model(inputs, embedding_timesteps(frame_t), text).sample[:, :, CONDITION_FRAMES:]
 
 
 def flow_matching_loss(velocity: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The three stages as loss objects over one trainer skeleton (METHOD.md §3-§5).
+"""The three stages as loss objects over one trainer skeleton (docs/method.md §3-§5).
 
 A stage says which networks it trains and from which weights they start (`build_networks`), which of them update
 at a step (`updates`), and computes a network's loss on a conditioned batch (`__call__`). Everything else (data,
@@ -8,21 +8,22 @@ accelerate, optimizers, checkpoints, logging) is the trainer's and is the same f
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .. import media
-from ..engine import CONDITION_FRAMES, StreamingEngine, embedding_timesteps
 from ..errors import UserInputError
-from ..models.causal_wan import CausalWanTransformer3DModel, teacher_forcing_block_mask, teacher_forcing_mask
+from ..models.causal_wan import (CausalWanTransformer3DModel, in_context_velocity, teacher_forcing_block_mask,
+                                 teacher_forcing_mask)
 from ..models.convert import load_transformer_weights
 from ..pipeline import FashionChameleonPipeline
-from ..presets import StreamConfig
+from ..presets import get_preset
+from ..rollout import Rollout
 from .config import DMDConfig, ForcingConfig, OptimConfig, TeacherConfig, TrainConfig
-from .flow import FlowTable, add_noise, flow_matching_loss, predict_velocity, predict_x0
+from .flow import FlowTable, add_noise, flow_matching_loss, predict_x0
 from .reward import build_reward, chunk_weights
 
 
@@ -53,11 +54,16 @@ def load_weights(model: CausalWanTransformer3DModel, path: str | None) -> Causal
     return model
 
 
-def chunk_ids(video_frames: int, chunk_frames: int) -> list[int]:
-    """Per latent frame of [reference, garment, video]: 0 for the conditioning frames, k + 1 for chunk k."""
+def num_chunks(video_frames: int, chunk_frames: int) -> int:
     if video_frames % chunk_frames:
         raise UserInputError(f"{video_frames} video latent frames do not split into chunks of {chunk_frames}")
-    return [0] * CONDITION_FRAMES + [1 + f // chunk_frames for f in range(video_frames)]
+    return video_frames // chunk_frames
+
+
+def chunk_ids(condition_frames: int, video_frames: int, chunk_frames: int) -> list[int]:
+    """Per latent frame of [reference, garment, video]: 0 for the conditioning frames, k + 1 for chunk k."""
+    num_chunks(video_frames, chunk_frames)
+    return [0] * condition_frames + [1 + f // chunk_frames for f in range(video_frames)]
 
 
 class StageLoss:
@@ -75,6 +81,7 @@ class StageLoss:
         self.config = config
         self.networks = networks  # as prepared by accelerate: call these
         self.generator_module = pipe.transformer  # the generator itself: read its attributes here (DDP hides them)
+        self.stream = pipe.stream  # the run's stream settings (the preset's, with the config's overrides)
         self.table = FlowTable.from_scheduler(pipe.scheduler, device)
         self.device = device
 
@@ -107,7 +114,7 @@ class StageLoss:
 
 class TeacherLoss(StageLoss):
     """Stage 1, in-context teacher: flow matching on [reference, garment, noisy video] with full attention, one t
-    per sample from the shifted table, Wan bell-curve weighting, loss on the video frames only (METHOD.md §5)."""
+    per sample from the shifted table, Wan bell-curve weighting, loss on the video frames only (docs/method.md §5)."""
 
     config_class = TeacherConfig
 
@@ -116,15 +123,15 @@ class TeacherLoss(StageLoss):
         index = self.table.sample_index((video.shape[0], 1), rng.local).expand(-1, video.shape[2])  # [B, F]
         noise = torch.randn(video.shape, generator=rng.local, device=video.device)
         noisy = add_noise(video, noise, self.table.sigmas[index])
-        velocity = predict_velocity(self.networks[network], batch.condition, noisy, self.table.timesteps[index],
-                                    batch.text)
+        velocity = in_context_velocity(self.networks[network], batch.condition, noisy, self.table.timesteps[index],
+                                       batch.text)
         return flow_matching_loss(velocity, noise, video, self.loss_weights(index)), {}
 
 
 class TeacherForcingLoss(StageLoss):
-    """Stage 2, in-context teacher forcing (METHOD.md §3.2): [clean ; noisy] copies of [reference, garment, video]
-    with the same RoPE positions in both halves, an independent t per chunk on the noisy video, the §3.2 mask;
-    the loss is stage 1's, on the noisy half's video frames."""
+    """Stage 2, in-context teacher forcing (docs/method.md §3.2): [clean ; noisy] copies of [reference, garment, video]
+    with the same RoPE positions in both halves, an independent t per stream chunk on the noisy video, the §3.2
+    mask; the loss is stage 1's, on the noisy half's video frames."""
 
     config_class = ForcingConfig
 
@@ -139,44 +146,45 @@ class TeacherForcingLoss(StageLoss):
         elif config.attention != "mask":
             raise UserInputError(f"attention must be 'mask' or 'flex', got {config.attention!r}")
 
-    def attention_mask(self, video_frames: int, frame_tokens: int):
+    def attention_mask(self, condition_frames: int, video_frames: int, frame_tokens: int):
         """The §3.2 mask for this size, built once: an exact [2L, 2L] bool mask or a FlexAttention BlockMask."""
-        key = (video_frames, frame_tokens)
+        key = (condition_frames, video_frames, frame_tokens)
         if key not in self._masks:
             build = teacher_forcing_block_mask if self.config.attention == "flex" else teacher_forcing_mask
-            self._masks[key] = build(chunk_ids(video_frames, self.config.chunk_frames), frame_tokens,
-                                     device=self.device)
+            ids = chunk_ids(condition_frames, video_frames, self.stream.chunk_frames)
+            self._masks[key] = build(ids, frame_tokens, device=self.device)
         return self._masks[key]
 
     def __call__(self, network: str, batch: Batch, rng: Rngs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = self.networks[network]
         video, condition = batch.video, batch.condition
         batch_size, _, frames, height, width = video.shape
-        chunks = frames // self.config.chunk_frames
-        index = self.table.sample_index((batch_size, chunks), rng.local)
-        index = index.repeat_interleave(self.config.chunk_frames, dim=1)  # [B, F]: one t per chunk
+        condition_frames, chunk = condition.shape[2], self.stream.chunk_frames
+        index = self.table.sample_index((batch_size, num_chunks(frames, chunk)), rng.local)
+        index = index.repeat_interleave(chunk, dim=1)  # [B, F]: one t per chunk
         noise = torch.randn(video.shape, generator=rng.local, device=video.device)
         noisy = add_noise(video, noise, self.table.sigmas[index])
         clean_half = torch.cat([condition, video], dim=2)
         noisy_half = torch.cat([condition, noisy], dim=2)
-        zeros = torch.zeros(batch_size, CONDITION_FRAMES + frames, device=video.device)
-        t = torch.cat([zeros, zeros[:, :CONDITION_FRAMES], self.table.timesteps[index]], dim=1)
-        positions = list(range(CONDITION_FRAMES + frames)) * 2
-        mask = self.attention_mask(frames, self.generator_module.tokens_per_frame(height, width))
-        out = model(torch.cat([clean_half, noisy_half], dim=2), embedding_timesteps(t), batch.text,
-                    frame_positions=positions, attention_mask=mask).sample
+        zeros = torch.zeros(batch_size, condition_frames + frames, device=video.device)
+        t = torch.cat([zeros, zeros[:, :condition_frames], self.table.timesteps[index]], dim=1)
+        positions = list(range(condition_frames + frames)) * 2
+        mask = self.attention_mask(condition_frames, frames, self.generator_module.tokens_per_frame(height, width))
+        out = model(torch.cat([clean_half, noisy_half], dim=2), t, batch.text, frame_positions=positions,
+                    attention_mask=mask).sample
         velocity = out[:, :, -frames:]
         return flow_matching_loss(velocity, noise, video, self.loss_weights(index)), {}
 
 
 class GRDMDLoss(StageLoss):
-    """Stage 3, gradient-reweighted DMD (METHOD.md §4).
+    """Stage 3, gradient-reweighted DMD (docs/method.md §4).
 
-    Generator: a self-forcing rollout through the engine's chunk loop (random shared exit step, gradient at that
-    step only), the DMD gradient g = (mu_fake - mu_real) / mean|x - mu_real| with mu_real = teacher CFG, and the
-    per-frame reweighting A = softmax(-chunk score / temperature) from the reward. The unconditional branch of
-    mu_real drops the text (negative prompt, the paper) or, with `guidance_condition: garment`, the garment. Critic (fake score): flow
-    matching on fresh rollouts, every step; the generator every `generator_every` steps.
+    Generator: a self-forcing rollout on the streaming core (`rollout.Rollout`: random shared exit step, gradient
+    at that step only), the DMD gradient g = (mu_fake - mu_real) / mean|x - mu_real| with mu_real = teacher CFG,
+    and the per-frame reweighting A = softmax(-chunk score / temperature) from the reward. The unconditional branch
+    of mu_real drops the text (negative prompt, the paper) or, for a preset whose teacher was trained with blank
+    garments, the garment. Critic (fake score): flow matching on fresh rollouts, every step; the generator every
+    `generator_every` steps.
     """
 
     config_class = DMDConfig
@@ -194,20 +202,19 @@ class GRDMDLoss(StageLoss):
         self.codec = pipe.codec
         self.negative_text = embed_prompts([config.negative_prompt])  # [1, L, D]
         temporal, spatial = self.codec.temporal_factor, self.codec.spatial_factor
-        data = config.data
-        if (data.num_frames - 1) % temporal or data.height % spatial or data.width % spatial:
-            raise UserInputError(f"data.num_frames must be 1 + {temporal} k and data.height/width multiples of "
-                                 f"{spatial}, got {data.num_frames} frames of {data.width}x{data.height}")
-        video_frames = (data.num_frames - 1) // temporal + 1  # the rollout is as long as a training clip
-        self.num_chunks = chunk_ids(video_frames, config.chunk_frames)[-1]  # also checks the split
-        # The training rollout never evicts (METHOD.md §3.3): sink = first chunk, history = all later chunks.
-        stream = StreamConfig(height=data.height, width=data.width, chunk_frames=config.chunk_frames,
-                              denoising_steps=config.denoising_steps, sink_frames=config.chunk_frames,
-                              history_frames=video_frames - config.chunk_frames, max_text_tokens=data.max_text_tokens)
-        self.engine = StreamingEngine(pipe, stream)
-        if config.guidance_condition not in ("text", "garment"):
-            raise UserInputError(f"guidance_condition must be 'text' or 'garment', got {config.guidance_condition!r}")
-        self.blank_garment = self.engine.encode_garment(media.blank_garment(data.width, data.height)).float()
+        stream, frames = self.stream, config.data.num_frames
+        if (frames - 1) % temporal or stream.height % spatial or stream.width % spatial:
+            raise UserInputError(f"data.num_frames must be 1 + {temporal} k and the frame size a multiple of "
+                                 f"{spatial}, got {frames} frames of {stream.width}x{stream.height}")
+        video_frames = (frames - 1) // temporal + 1  # the rollout is as long as a training clip
+        self.num_chunks = num_chunks(video_frames, stream.chunk_frames)
+        # The training rollout never evicts (docs/method.md §3.3): sink = first chunk, history = all later chunks.
+        self.rollout_stream = replace(stream, sink_frames=stream.chunk_frames,
+                                      history_frames=video_frames - stream.chunk_frames)
+        self.sigmas = pipe.student_sigmas(stream.denoising_steps)
+        self.guidance_condition = get_preset(config.preset).teacher.guidance_condition
+        blank = media.blank_garment(stream.width, stream.height)
+        self.blank_garment = pipe.encode_garment(blank, stream).to(device, torch.float32)
 
     @classmethod
     def build_networks(cls, config: DMDConfig, pipe: FashionChameleonPipeline) -> tuple[dict, dict]:
@@ -235,17 +242,16 @@ class GRDMDLoss(StageLoss):
 
     # -- the paper's operations ----------------------------------------------------------------------------
     def rollout(self, batch: Batch, rng: Rngs) -> tuple[torch.Tensor, int]:
-        """Self-forcing rollout of the generator [B, C, F, h, w] and its exit step (METHOD.md §3.7). Gradient flows
+        """Self-forcing rollout of the generator [B, C, F, h, w] and its exit step (docs/method.md §3.7). Gradient flows
         only through each chunk's exit-step forward, and only if grad is enabled."""
-        steps = len(self.config.denoising_steps)
-        exit_step = int(torch.randint(steps, (), generator=rng.shared))  # CPU generator: no device sync
-        stream = self.engine.start_from_latents(
-            batch.condition[:, :, :1], batch.condition[:, :, 1:2], batch.text, rng.local,
-            model=self.networks["generator"], exit_step=exit_step, context_noise=self.config.context_noise)
-        return stream.rollout(self.num_chunks).float(), exit_step
+        exit_step = int(torch.randint(len(self.sigmas), (), generator=rng.shared))  # CPU generator: no device sync
+        rollout = Rollout(self.generator_module, self.rollout_stream, self.sigmas, batch.condition[:, :, :1],
+                          batch.condition[:, :, 1:2], batch.text, rng.local, model=self.networks["generator"],
+                          exit_step=exit_step, context_noise=self.config.context_noise)
+        return rollout.rollout(self.num_chunks).float(), exit_step
 
     def noise_level(self, batch_size: int, rng: Rngs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma, t) [B] for DMD and the critic: shifted uniform, clamped (METHOD.md §4.3)."""
+        """(sigma, t) [B] for DMD and the critic: shifted uniform, clamped (docs/method.md §4.3)."""
         sigma = self.table.sample_dmd_sigma(batch_size, self.config.timestep_range, rng.local)
         return sigma, sigma * self.table.num_train_timesteps
 
@@ -258,21 +264,21 @@ class GRDMDLoss(StageLoss):
             return video.new_full((batch, frames), 1.0 / frames, dtype=torch.float64), video.new_full((), float("nan"))
         scores = self.reward(self.codec.decode_video(video)).to(video.device)
         weights = chunk_weights(scores, temporal_factor=self.codec.temporal_factor,
-                                chunk_frames=self.config.chunk_frames, temperature=self.config.reward.temperature)
+                                chunk_frames=self.stream.chunk_frames, temperature=self.config.reward.temperature)
         return weights, scores.mean()
 
     @torch.no_grad()
     def dmd_gradient(self, video: torch.Tensor, batch: Batch, rng: Rngs) -> torch.Tensor:
-        """g = (mu_fake - mu_real) / mean|x - mu_real| per sample, NaN -> 0 (METHOD.md §4.3) [B, C, F, h, w]."""
+        """g = (mu_fake - mu_real) / mean|x - mu_real| per sample, NaN -> 0 (docs/method.md §4.3) [B, C, F, h, w]."""
         sigma, t = self.noise_level(video.shape[0], rng)
         noisy = add_noise(video, torch.randn(video.shape, generator=rng.local, device=video.device), sigma)
 
         def x0(name: str, text: torch.Tensor, condition: torch.Tensor = batch.condition) -> torch.Tensor:
-            return predict_x0(noisy, predict_velocity(self.networks[name], condition, noisy, t, text), sigma)
+            return predict_x0(noisy, in_context_velocity(self.networks[name], condition, noisy, t, text), sigma)
 
         fake = x0("critic", batch.text)
         cond = x0("real_score", batch.text)
-        if self.config.guidance_condition == "garment":
+        if self.guidance_condition == "garment":
             blank = self.blank_garment.expand_as(batch.condition[:, :, 1:])
             uncond = x0("real_score", batch.text, torch.cat([batch.condition[:, :, :1], blank], dim=2))
         else:
@@ -293,8 +299,8 @@ class GRDMDLoss(StageLoss):
             video, _ = self.rollout(batch, rng)
         sigma, t = self.noise_level(video.shape[0], rng)
         noise = torch.randn(video.shape, generator=rng.local, device=video.device)
-        velocity = predict_velocity(self.networks["critic"], batch.condition, add_noise(video, noise, sigma), t,
-                                    batch.text)
+        velocity = in_context_velocity(self.networks["critic"], batch.condition, add_noise(video, noise, sigma), t,
+                                       batch.text)
         return flow_matching_loss(velocity, noise, video), {}
 
 

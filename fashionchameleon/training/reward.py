@@ -1,4 +1,4 @@
-"""GR-DMD's reward and the chunk weights it induces (METHOD.md §4.1-4.2).
+"""GR-DMD's reward and the chunk weights it induces (docs/method.md §4.1-4.2).
 
 A reward model maps decoded frames [B, 3, F_pix, H, W] in [-1, 1] to one score per pixel frame [B, F_pix], higher
 = better. `chunk_weights` turns those scores into per-latent-frame weights that favour the worst chunks. The real

@@ -4,7 +4,7 @@ Top to bottom as it runs: accelerate and seeds; data samples and the pipeline (V
 networks and their AdamW optimizers, prepared by accelerate (one process on CPU, DDP or FSDP under
 `accelerate launch`); resume from the newest checkpoint; the loader; then the loop: per network the stage updates
 this step, set the lr, accumulate micro-batch gradients, clip, step; EMA; log; checkpoint. At the end the trained
-model is exported in the formats the engine's presets load.
+model is exported in the formats the presets load.
 
 A checkpoint `<output_dir>/checkpoints/step_NNNNNN/` is accelerate's `save_state` (networks as safetensors,
 optimizers, RNG states of every library) plus our own: `trainer_state.json` (step, stage, whole config),
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -33,8 +32,8 @@ from ..errors import UserInputError
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.text import PromptEncoder
 from ..pipeline import FashionChameleonPipeline
-from ..presets import PRESETS
-from .config import ModelConfig, TrainConfig
+from ..presets import load_preset
+from .config import TrainConfig
 from .data import DrawSampler, LatentCache, build_dataset, collate_triplets
 from .losses import LOSSES, Batch, Rngs
 
@@ -44,7 +43,7 @@ CHECKPOINTS, TRANSFORMER_EXPORT, PIPELINE_EXPORT, LOSS_LOG = "checkpoints", "tra
 
 
 class EMA:
-    """fp32 exponential moving average of a network's parameters, kept on CPU (METHOD.md §4.4)."""
+    """fp32 exponential moving average of a network's parameters, kept on CPU (docs/method.md §4.4)."""
 
     def __init__(self, decay: float, state: dict[str, torch.Tensor]) -> None:
         self.decay = decay
@@ -65,22 +64,19 @@ def resolve_mixed_precision(value: str) -> str:
     return value
 
 
-def load_pipeline(config: ModelConfig, *, text_encoder: bool) -> FashionChameleonPipeline:
-    """The base pipeline in fp32 (training keeps fp32 master weights) with the flow-matching scheduler of the
-    training table. A random-weight preset name ("tiny"), or any preset with `random_weights`, builds that preset
-    with fresh seeded weights; anything else is a diffusers folder
-    (ours or a stock Wan2.2 one). `text_encoder=False` skips UMT5 when the latent cache replaces it."""
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
-                                                shift=config.timestep_shift)
-    preset = PRESETS.get(config.pipeline)
-    if preset is not None and (preset.random_weights or config.random_weights):
-        pipe = preset.load(seed=config.seed, random_weights=True)
-        pipe.register_modules(scheduler=scheduler, **({} if text_encoder else {"text_encoder": None}))
-        return pipe
-    if not Path(config.pipeline).is_dir():
-        raise UserInputError(f"model.pipeline {config.pipeline!r} is not a local diffusers folder or a random preset")
-    extra = {} if text_encoder else {"text_encoder": None}
-    return FashionChameleonPipeline.from_pretrained(config.pipeline, scheduler=scheduler, **extra)
+def load_pipeline(config: TrainConfig, *, text_encoder: bool) -> FashionChameleonPipeline:
+    """The run's preset on the CPU in fp32 (training keeps fp32 master weights; accelerate places it), from
+    `model.pipeline` (a local diffusers folder, ours or a stock Wan2.2 one), fresh weights, or the preset's own, with
+    the run's stream settings. `text_encoder=False` leaves UMT5 out when the latent cache replaces it."""
+    model = config.model
+    if model.pipeline is not None and not (Path(model.pipeline) / "model_index.json").is_file():
+        raise UserInputError(f"model.pipeline {model.pipeline!r} is not a local diffusers pipeline folder")
+    _, pipe = load_preset(config.preset, checkpoint=model.pipeline, device="cpu", random_weights=model.random_weights,
+                          seed=model.seed, text_encoder=text_encoder)
+    if not text_encoder:
+        pipe.register_modules(text_encoder=None)
+    pipe.register_to_config(stream=config.stream_config().to_dict())
+    return pipe
 
 
 class Trainer:
@@ -103,22 +99,23 @@ class Trainer:
         self.ema_active = False
 
         # 2. data samples, the pipeline, the latent cache
-        cache = LatentCache(config.data.latent_cache, config.data) if config.data.latent_cache else None
-        dataset, triplets, prompts = build_dataset(config.data, seed=config.seed, load_video=self.stage.needs_video,
-                                                   cache=cache, stage_prompts=self.stage.prompts(config))
+        self.stream = stream = config.stream_config()
+        cache = LatentCache(config.data.latent_cache, config.data, stream) if config.data.latent_cache else None
+        dataset, triplets, prompts = build_dataset(config.data, stream, seed=config.seed,
+                                                   load_video=self.stage.needs_video, cache=cache,
+                                                   stage_prompts=self.stage.prompts(config))
         needs_text_encoder = cache is None or config.export_pipeline or not cache.has_text(prompts)
-        self.pipe = load_pipeline(config.model, text_encoder=needs_text_encoder)
+        self.pipe = load_pipeline(config, text_encoder=needs_text_encoder)
         self.pipe.vae.to(self.device).requires_grad_(False)
         self.codec = self.pipe.codec
         self.prompt_encoder = None
         if self.pipe.text_encoder is not None:
             text_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32  # frozen; the authors' is bf16
             self.pipe.text_encoder.to(self.device, text_dtype).requires_grad_(False)
-            self.prompt_encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder,
-                                                config.data.max_text_tokens)
+            self.prompt_encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder, stream.max_text_tokens)
         self.cache = cache
         if cache is not None:
-            cache.build(triplets, config.data, self.codec, self.prompt_encoder, prompts, rank=self.rank,
+            cache.build(triplets, config.data, stream, self.codec, self.prompt_encoder, prompts, rank=self.rank,
                         world=self.world, progress=acc.is_main_process)
             acc.wait_for_everyone()
 
@@ -309,9 +306,10 @@ class Trainer:
 
     # -- export ---------------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """Save the trained model (its EMA when there is one) where the engine's presets load it from:
+        """Save the trained model (its EMA when there is one) where the presets load it from:
         `<output_dir>/transformer` (a diffusers transformer folder: `--checkpoint` of wan22-ti2v-5b) and, with
-        `export_pipeline`, `<output_dir>/pipeline` (a whole pipeline folder: `--preset tiny --checkpoint`)."""
+        `export_pipeline`, `<output_dir>/pipeline` (a whole pipeline folder with the run's stream settings:
+        `--checkpoint` of any preset)."""
         acc = self.accelerator
         net = self.networks[self.stage.exported]
         state = None if self.ema_active else acc.get_state_dict(net)
@@ -323,8 +321,8 @@ class Trainer:
             model.save_pretrained(folder)
             if self.config.export_pipeline:
                 pipe = self.pipe
-                FashionChameleonPipeline(pipe.tokenizer, pipe.text_encoder, model, pipe.vae, pipe.scheduler) \
-                    .save_pretrained(self.out / PIPELINE_EXPORT)
+                FashionChameleonPipeline(pipe.tokenizer, pipe.text_encoder, model, pipe.vae, pipe.scheduler,
+                                         stream=self.stream.to_dict()).save_pretrained(self.out / PIPELINE_EXPORT)
             logger.info("exported the trained %s to %s", self.stage.exported, folder)
         acc.wait_for_everyone()
         return folder

@@ -1,0 +1,176 @@
+"""`StreamService`: the one object the app talks to, over checks, budget, sessions and the producer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..engine import StreamingEngine
+from ..errors import UserInputError
+from ..presets import Preset, load_preset
+from . import budget, checks
+from .mailbox import STOP, SWITCH, Mailbox, Message
+from .producer import ChunkReady, Producer
+from .sessions import ChunkFolders, SessionRegistry
+from .states import IDLE, STOPPING, SWITCHING
+
+#: How long shutdown waits for an engine thread to finish its chunk.
+SHUTDOWN_SECONDS = 10.0
+
+
+class StreamService:
+    """One loaded model serving many sessions; one stream per session.
+
+    `pacing` is the playback speed output is paced to (1.0: real time; 0: as fast as possible, e.g. for
+    benchmarks). Streams may run concurrently; model calls are serialised (one GPU, one model). Temporary files
+    live under `root` (a fresh temporary folder by default).
+    """
+
+    def __init__(self, preset: Preset, engine: StreamingEngine, *, root: str | os.PathLike | None = None,
+                 pacing: float = 1.0) -> None:
+        self.preset = preset
+        self.engine = engine
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="fashionchameleon-"))
+        self.mailbox = Mailbox(self.root / "inbox")
+        self.chunk_root = self.root / "chunks"
+        folders = ChunkFolders(self.chunk_root)
+        self.sessions = SessionRegistry(self.mailbox, folders)
+        self._threads: set[threading.Thread] = set()  # engine threads in this process
+        self._producer = Producer(engine, self.mailbox, folders, self._threads, fps=self.fps, pacing=pacing)
+
+    @classmethod
+    def load(cls, preset_name: str, checkpoint: str | None = None, device: str | None = None,
+             **kwargs: Any) -> StreamService:
+        """Load a preset's model; `kwargs` go to the constructor."""
+        preset, pipe = load_preset(preset_name, checkpoint=checkpoint, device=device)
+        return cls(preset, StreamingEngine(pipe), **kwargs)
+
+    # -- sizes the UI and the GPU budget need -------------------------------------------------------------------
+    @property
+    def fps(self) -> int:
+        return self.engine.config.fps
+
+    @property
+    def chunk_seconds(self) -> float:
+        """Playback length of one (non-first) chunk."""
+        return budget.chunk_seconds(self.engine)
+
+    @property
+    def max_chunks(self) -> int:
+        return budget.max_chunks(self.chunk_seconds)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return checks.max_prompt_chars(self.engine.config.max_text_tokens)
+
+    def gpu_duration(self, stream_id: str, reference: str, garment: str, prompt: str, seed: int, chunks: int) -> float:
+        """Seconds of GPU to ask ZeroGPU for `produce(...)`; takes the same arguments, as `spaces.GPU` passes them."""
+        return budget.gpu_seconds(chunks, self.chunk_seconds)
+
+    # -- input checks (main plane, before any GPU time is spent) ---------------------------------------------------
+    check_image = staticmethod(checks.check_image)
+
+    def check_request(self, prompt: str | None, chunks: float | None, seed: float | None) -> tuple[str, int, int]:
+        """(prompt, chunks, seed) within this model's limits, as `stream` takes them."""
+        return checks.check_request(prompt, chunks, seed, max_chars=self.max_prompt_chars, max_chunks=self.max_chunks)
+
+    # -- main plane ------------------------------------------------------------------------------------------
+    def stream(
+        self,
+        session: str,
+        reference: str,
+        garment: str,
+        prompt: str,
+        chunks: int,
+        seed: int,
+        producer: Callable[..., Iterator[ChunkReady]] | None = None,
+    ) -> Iterator[tuple[str, dict]]:
+        """Run one stream for `session` and yield (segment path, status) per chunk.
+
+        `producer` is `produce` as the app wrapped it (`spaces.GPU`); call this inside the Gradio handler so the
+        ZeroGPU scheduler sees the user's request. Inputs must have passed `check_image`/`check_request`. A new
+        stream stops the session's previous one. Each segment file is deleted when the next is asked for (Gradio
+        has copied it by then). Leaving early (disconnect, cancel) only removes the mailbox, which the producer
+        reads as stop, and marks the folder: nothing here waits for the engine, since this cleanup runs on the
+        server's event loop (under ZeroGPU, `spaces` itself waits for the worker's current chunk).
+        """
+        stream_id = self.sessions.open(session)
+        items = (producer or self.produce)(stream_id, reference, garment, prompt, seed, chunks)
+        producer_ended = False
+        previous: str | None = None
+        try:
+            for ready in items:
+                if previous is not None:
+                    Path(previous).unlink(missing_ok=True)
+                status = self._status(ready, chunks)
+                self.sessions.set_status(session, stream_id, status)
+                yield ready.path, status
+                previous = ready.path
+            producer_ended = True
+        except Exception:
+            producer_ended = True  # the producer raised, so it has ended
+            raise
+        finally:
+            self.mailbox.remove(stream_id)
+            items.close()
+            self.sessions.finish(session, stream_id, producer_ended)
+
+    def switch(self, session: str, garment: str) -> dict:
+        """Ask the session's stream to switch to `garment` at its next chunk; returns the status."""
+        current = self.sessions.get(session)
+        if current is None:
+            raise UserInputError("No stream is running in this session; press Generate first.")
+        try:
+            self.mailbox.post(current.stream_id, Message(SWITCH, garment=garment))
+        except FileNotFoundError:
+            raise UserInputError("The stream has just ended; press Generate to start a new one.") from None
+        return {**current.status, "state": SWITCHING}
+
+    def stop(self, session: str) -> dict:
+        """Ask the session's stream to end at its next chunk boundary; the status says IDLE if none runs."""
+        current = self.sessions.get(session)
+        if current is None:
+            return {"state": IDLE}
+        try:
+            self.mailbox.post(current.stream_id, Message(STOP))
+        except FileNotFoundError:
+            return {"state": IDLE}
+        return {**current.status, "state": STOPPING}
+
+    def close_session(self, session: str) -> None:
+        """The browser left (Gradio's unload): stop its stream. The stream's own handler deletes its files."""
+        self.stop(session)
+
+    def shutdown(self) -> None:
+        """Stop every stream, let in-process engine threads finish their chunk (a thread killed inside torch at
+        interpreter exit aborts the process), and delete all temporary files. For when the server goes away."""
+        threads = self._threads.copy()
+        self.sessions.stop_all()
+        for thread in threads:
+            thread.join(SHUTDOWN_SECONDS)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _status(self, ready: ChunkReady, chunks: int) -> dict:
+        return {
+            "state": ready.state,
+            "chunk": ready.index,
+            "chunks": chunks,
+            "frames": ready.frames,
+            "garment_version": ready.garment_version,
+            "fps": round(ready.fps, 1),
+            "playback_fps": self.fps,
+            "removed_words": list(ready.removed_words),
+            "model": self.preset.name,
+        }
+
+    # -- GPU plane ---------------------------------------------------------------------------------------------
+    def produce(self, stream_id: str, reference: str, garment: str, prompt: str, seed: int,
+                chunks: int) -> Iterator[ChunkReady]:
+        """The GPU plane (`Producer.produce`): what the app wraps in `spaces.GPU`. A generator function itself, so
+        that `spaces` streams its yields from the worker."""
+        yield from self._producer.produce(stream_id, reference, garment, prompt, seed, chunks)

@@ -1,0 +1,126 @@
+"""Which stream each browser session runs, and the files each stream owns: its mailbox box and its chunk folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .locks import ForkSafe
+from .mailbox import Mailbox
+
+logger = logging.getLogger(__name__)
+
+#: The two parties of a chunk folder: the GPU plane writes it, the main plane reads it.
+PRODUCER, CONSUMER = "producer", "consumer"
+
+
+class ChunkFolders:
+    """One folder of mp4 segments per stream under `root`.
+
+    The producer writes a stream's folder and the consumer reads it (deleting each segment once Gradio has copied
+    it); they may be in different processes, so they hand the folder over with marker files rather than waiting.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, stream_id: str) -> Path:
+        return self.root / stream_id
+
+    def create(self, stream_id: str) -> None:
+        self.path(stream_id).mkdir()
+
+    def delete(self, stream_id: str) -> None:
+        shutil.rmtree(self.path(stream_id), ignore_errors=True)
+
+    def release(self, stream_id: str, party: str) -> None:
+        """`party` (PRODUCER or CONSUMER) is done with the folder; whoever is done second deletes it. Each marks
+        itself done before looking for the other's mark, so at least one of them sees both."""
+        folder = self.path(stream_id)
+        try:
+            (folder / f".{party}-done").touch()
+        except FileNotFoundError:
+            return
+        other = CONSUMER if party == PRODUCER else PRODUCER
+        if (folder / f".{other}-done").exists():
+            self.delete(stream_id)
+
+
+@dataclass
+class SessionStream:
+    """The stream a session runs, and the status of its last chunk."""
+
+    stream_id: str
+    status: dict = field(default_factory=dict)
+
+
+class SessionRegistry(ForkSafe):
+    """The sessions that run a stream (main plane; `len` counts them), one stream per session.
+
+    Stream ids are made here, server-side: session hashes come from clients and are no file names.
+    """
+
+    def __init__(self, mailbox: Mailbox, folders: ChunkFolders) -> None:
+        self.mailbox = mailbox
+        self.folders = folders
+        self._sessions: dict[str, SessionStream] = {}
+        super().__init__()
+
+    def _reset_locks(self) -> None:
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def open(self, session: str) -> str:
+        """A new stream for `session` with its mailbox box and chunk folder; the session's previous stream is told
+        to stop (its mailbox goes)."""
+        stream_id = uuid.uuid4().hex
+        self.mailbox.open(stream_id)
+        self.folders.create(stream_id)
+        with self._lock:
+            previous = self._sessions.get(session)
+            self._sessions[session] = SessionStream(stream_id)
+        if previous is not None:
+            logger.info("session %s started a new stream; stopping %s", session[:8], previous.stream_id[:8])
+            self.mailbox.remove(previous.stream_id)
+        return stream_id
+
+    def get(self, session: str) -> SessionStream | None:
+        with self._lock:
+            return self._sessions.get(session)
+
+    def set_status(self, session: str, stream_id: str, status: dict) -> None:
+        """Record the status of `stream_id`'s latest chunk, unless the session has moved on to another stream."""
+        with self._lock:
+            if self._runs(session, stream_id):
+                self._sessions[session].status = status
+
+    def finish(self, session: str, stream_id: str, producer_ended: bool) -> None:
+        """The consumer of `stream_id` is done: forget it and delete its chunk folder, at once if the producer has
+        ended too, else by handing the folder over to the producer."""
+        with self._lock:
+            if self._runs(session, stream_id):
+                del self._sessions[session]
+        if producer_ended:
+            self.folders.delete(stream_id)
+        else:
+            self.folders.release(stream_id, CONSUMER)
+
+    def stop_all(self) -> None:
+        """Tell every stream to stop (remove its mailbox box)."""
+        with self._lock:
+            stream_ids = [s.stream_id for s in self._sessions.values()]
+        for stream_id in stream_ids:
+            self.mailbox.remove(stream_id)
+
+    def _runs(self, session: str, stream_id: str) -> bool:
+        """Whether `session`'s current stream is `stream_id` (call with the lock held)."""
+        current = self._sessions.get(session)
+        return current is not None and current.stream_id == stream_id
