@@ -152,6 +152,39 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
     assert os.listdir(service.chunk_root) == [] and os.listdir(service.mailbox.root) == []
 
 
+def locks_in_a_forked_child(service: StreamService) -> tuple[bool, bool]:
+    """Whether a child forked while another thread holds the service's locks can take them (as a ZeroGPU worker
+    forked mid-request must)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with service.sessions._lock, service._producer._model_lock:
+            held.set()
+            release.wait(PATIENCE)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(PATIENCE)
+    try:
+        context = multiprocessing.get_context("fork")
+        result = context.SimpleQueue()
+        child = context.Process(target=lambda: result.put(tuple(  # the locks as the child sees them after the fork
+            lock.acquire(timeout=1) for lock in (service.sessions._lock, service._producer._model_lock))))
+        child.start()
+        child.join(PATIENCE)
+        return result.get()
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_a_forked_worker_makes_its_locks_afresh(service, monkeypatch):
+    assert locks_in_a_forked_child(service) == (True, True)
+    # Negative control: without the after-fork reset the child inherits locks that no thread will release.
+    monkeypatch.setattr("fashionchameleon.serving.locks._OWNERS", set())
+    assert locks_in_a_forked_child(service) == (False, False)
+
+
 def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
     stream = service.stream("plain-session", REFERENCE, GARMENT, "", 2, 0)
     path, status = next(stream)
