@@ -54,6 +54,7 @@ STATUS_LINE_JS = """
   if (s.chunk !== undefined) {
     parts.push(`chunk ${s.chunk + 1} / ${s.chunks}`, `garment v${s.garment_version}`,
                `${s.fps} fps generated, plays at ${s.playback_fps} fps`);
+    if (s.streams > 1) parts.push(`${s.streams} streams share the model`);
   }
   return parts.join(" · ");
 }

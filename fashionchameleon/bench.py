@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .engine import StreamingEngine
-from .models.causal_wan import TextKV, block_causal_mask
+from .models.causal_wan import block_causal_mask
 from .models.kv_cache import KVSlot
 from .pipeline import FashionChameleonPipeline
 from .rollout import Rollout, StreamConfig
@@ -54,8 +54,7 @@ class RecomputeRollout(Rollout):
         ids = [group for _, _, group in context] + [self._group] * n
         mask = block_causal_mask(ids, self.cache.frame_tokens, device=latents.device)
         frame_positions = [pos for _, pos, _ in context] + positions
-        text = {"text_kv": self.text} if isinstance(self.text, TextKV) else {"encoder_hidden_states": self.text}
-        out = self.model(frames, timestep, frame_positions=frame_positions, attention_mask=mask, **text)
+        out = self.model(frames, timestep, self.text, frame_positions=frame_positions, attention_mask=mask)
         if write is not None:
             for i, slot in enumerate([write] * n if isinstance(write, KVSlot) else write):
                 if slot in (KVSlot.REFERENCE, KVSlot.GARMENT):
@@ -140,7 +139,7 @@ def run_bench(
     full_from = 1 + -(-(stream_config.history_frames - stream_config.chunk_frames) // stream_config.chunk_frames)
     steady = chunk_s[full_from : full_from + 6] or chunk_s
 
-    # Baseline 2: the teacher-style sampler, the whole clip at once, CFG, teacher_steps steps.
+    # Baseline 2: the teacher's sampler, the whole clip at once with guidance, `teacher.steps` steps.
     steps = teacher.steps if bidirectional_steps is None else min(bidirectional_steps, teacher.steps)
     bi_start = time.perf_counter()
     clip = sample_bidirectional(pipe, pipe.transformer, teacher, reference, garment, prompt, stream=stream_config,

@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .engine import DEFAULT_CHUNKS, StreamingEngine, SwitchMode
 from .errors import UserInputError
 from .presets import DEFAULT_PRESET, PRESETS
 
@@ -47,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="FashionChameleon weights: model.pt, .safetensors or a saved folder")
         p.add_argument("--base", help="diffusers Wan2.2-TI2V-5B folder or hub id (wan22-ti2v-5b)")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        p.add_argument("--switch-mode", default="full", choices=["refresh", "refresh+withdraw", "full"])
+        p.add_argument("--switch-mode", default=SwitchMode.FULL.value, choices=[mode.value for mode in SwitchMode])
 
     gen = sub.add_parser("generate", help="write an H.264 mp4 of a streamed try-on video")
     model_args(gen)
     gen.add_argument("--reference", required=True, help="photo of the person")
     gen.add_argument("--garment", required=True, help="photo of the garment")
     gen.add_argument("--prompt", default="", help="motion and scene; garment words are removed")
-    gen.add_argument("--chunks", type=_positive, default=7, help="N chunks give 9 + 12(N-1) frames")
+    gen.add_argument("--chunks", type=_positive, default=DEFAULT_CHUNKS, help="N chunks give 9 + 12(N-1) frames")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--switch", type=_switch, action="append", default=[], metavar="K:IMAGE",
                      help="switch to IMAGE before chunk K (repeatable)")
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a stage (many GPUs: accelerate launch -m fashionchameleon train ...)")
     train.add_argument("stage", choices=[*STAGES, "all"],
                        help="teacher (stage 1), forcing (stage 2), dmd (stage 3), or all three from a recipe")
-    train.add_argument("--config", required=True, help="YAML/JSON config; for `all` a recipe (configs/mini.yaml)")
+    train.add_argument("--config", required=True,
+                       help="YAML/JSON stage config, or a recipe with a section per stage (configs/tiny.yaml)")
     return parser
 
 
@@ -112,7 +114,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from . import media
-    from .engine import StreamingEngine
 
     images = {path: media.load_image(path) for path in [args.reference, args.garment] + [p for _, p in args.switch]}
     switches = dict(args.switch)
@@ -154,7 +155,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .engine import SwitchMode
     from .miniworld.evaluate import EvalConfig, evaluate, example_strip, format_results
     from .models.causal_wan import CausalWanTransformer3DModel
     from .presets import get_preset
@@ -205,14 +205,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.config import load_config
-    from .training.recipe import run_recipe
+    from .training.recipe import run_recipe, stage_config
     from .training.trainer import Trainer
 
     if args.stage == "all":
         folder = run_recipe(args.config)
     else:
-        folder = Trainer(load_config(args.config, args.stage)).train()
+        folder = Trainer(stage_config(args.config, args.stage)).train()
     logger.info("trained %s: %s", args.stage, folder)
 
 

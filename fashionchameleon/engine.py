@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: Chunks of a scripted video when none are asked for: 7 x 3 latent frames = 81 frames with the Wan VAE, the paper's clip.
+DEFAULT_CHUNKS = 7
+
+
 class SwitchMode(str, enum.Enum):
     """Which KV-rescheduling primitives a garment switch applies (the paper's ablation, docs/method.md §7)."""
 

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from . import media
+from .engine import DEFAULT_CHUNKS, StreamingEngine, SwitchMode
 from .models.causal_wan import CausalWanTransformer3DModel, TextKV
 from .models.text import PromptEncoder
 from .models.vae import AutoencoderPixelShuffle, WanLatentCodec, latent_codec
@@ -133,23 +134,22 @@ class FashionChameleonPipeline(DiffusionPipeline):
         reference: Image.Image | str,
         garment: Image.Image | str,
         prompt: str = "",
-        num_chunks: int = 7,
+        num_chunks: int = DEFAULT_CHUNKS,
         switches: dict[int, Image.Image | str] | None = None,
         seed: int = 0,
-        switch_mode: str = "full",
+        switch_mode: SwitchMode | str = SwitchMode.FULL,
         return_dict: bool = True,
     ) -> FashionChameleonPipelineOutput | tuple[np.ndarray, np.ndarray]:
-        """Stream `num_chunks` chunks of the person in `reference` wearing `garment`, switching to `switches[k]`
-        before chunk k (k >= 1), and return every frame. Garment words are removed from `prompt`."""
-        from .engine import StreamingEngine
-
+        """Stream `num_chunks` chunks of the person in `reference` wearing `garment`, switching to `switches[k]` before
+        chunk k (k >= 1) with `switch_mode`, and return every frame. Garment words are removed from `prompt`."""
         # 1. check the inputs
         switches = switches or {}
         if num_chunks < 1 or any(not 1 <= k < num_chunks for k in switches):
             raise ValueError(f"num_chunks must be >= 1 and switch chunks in 1 .. {num_chunks - 1}, "
                              f"got {num_chunks} and {sorted(switches)}")
         # 2. stream, switching where asked
-        stream = StreamingEngine(self, switch_mode=switch_mode).start(reference, garment, prompt, seed, num_chunks)
+        engine = StreamingEngine(self, switch_mode=switch_mode)
+        stream = engine.start(reference, garment, prompt, seed, num_chunks)
         chunks = list(stream.play(switches))
         # 3. collect the frames
         frames = np.concatenate([chunk.frames for chunk in chunks])

@@ -1,5 +1,6 @@
-"""Named model presets: the one home of every model, stream, schedule, teacher and serving number, and of how each
-preset's weights are made or loaded. No code outside this file asks which preset it runs.
+"""Named model presets: the one home of each model's numbers (architecture, schedule, stream, teacher sampling,
+serving) and of how its weights are made or loaded. Where a preset does not set a value, the dataclass default is
+the paper's (`rollout.StreamConfig`, `teacher.TeacherSampling`). No code outside this file asks which preset it runs.
 
 | preset          | weights                                                      | runs on        |
 |-----------------|--------------------------------------------------------------|----------------|
@@ -61,6 +62,10 @@ class Preset:
     weights: Path | None = None
     load_trained: Callable[..., FashionChameleonPipeline] | None = None
     random_weights: bool = False  # no trained weights exist: the output is noise by design
+    cuda_dtype: torch.dtype = torch.float32  # the model's dtype on a GPU (always fp32 on a CPU)
+
+    def dtype(self, device: torch.device | str | None) -> torch.dtype:
+        return self.cuda_dtype if torch.device(device or "cpu").type == "cuda" else torch.float32
 
     def scheduler(self, num_train_timesteps: int) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=self.timestep_shift)
@@ -107,7 +112,7 @@ def build_tiny(preset: Preset, seed: int = 0, device: torch.device | str | None 
 
 
 # -- mini: trained in the mini wardrobe world, the default on a CPU -------------------------------------------
-MINI_CODEC_FACTOR = 4  # exact 4x4 space-to-depth: 64x48 frames -> 48 x 16 x 12 latents, 48 tokens a frame
+MINI_CODEC_FACTOR = 4  # exact 4x4 space-to-depth: 48 x 64 (w x h) frames -> 48 channels x 16 x 12 latents
 MINI_STATS_CLIPS = 64  # miniworld clips whose frames set the codec's channel normalisation
 
 
@@ -137,17 +142,13 @@ WAN22_VAE = dict(
 RANDOM_TEXT_DIM = 32  # random full-size weights get a tiny text stack: prompts are encoded once per stream
 
 
-def _model_dtype(device: torch.device | str | None) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
-
-
 def build_wan22(preset: Preset, seed: int = 0, device: torch.device | str | None = None) -> FashionChameleonPipeline:
     """The full-size transformer and VAE with random weights, made on `device` (for `bench`: speed does not
     depend on the values)."""
     with torch.device(device or "cpu"):
         transformer = CausalWanTransformer3DModel(**{**preset.transformer, "text_dim": RANDOM_TEXT_DIM})
         vae = AutoencoderKLWan(**WAN22_VAE)
-    dtype = _model_dtype(device)
+    dtype = preset.dtype(device)
     return _assemble(preset, cast_except_fp32_modules(transformer, dtype), cast_except_fp32_modules(vae, dtype),
                      seed, text_dim=RANDOM_TEXT_DIM)
 
@@ -158,7 +159,7 @@ def load_wan22(preset: Preset, checkpoint: str | os.PathLike | None, base: str |
     `checkpoint` is a diffusers transformer folder, a .safetensors file or the authors' `model.pt`."""
     from .models.convert import load_transformer_weights
 
-    dtype = _model_dtype(device)
+    dtype = preset.dtype(device)
     base = base or os.environ.get(BASE_MODEL_ENV, WAN22_BASE)
     checkpoint = checkpoint or os.environ.get(CHECKPOINT_ENV)
     if checkpoint is None:
@@ -229,7 +230,10 @@ PRESETS: dict[str, Preset] = {
         ),
         stream=StreamConfig(height=1280, width=704),
         build=build_wan22,
+        serving=Serving(notice="The examples are drawn by the mini wardrobe world: for this model, upload a photo of "
+                               "a person and a garment shot on white."),
         load_trained=load_wan22,
+        cuda_dtype=torch.bfloat16,
     ),
 }
 DEFAULT_PRESET = "mini"
@@ -251,28 +255,33 @@ def load_preset(
     base: str | os.PathLike | None = None,
     text_encoder: bool = True,
 ) -> tuple[Preset, FashionChameleonPipeline]:
-    """A preset's pipeline on `device` (CUDA when available), with the preset's stream and schedule.
+    """A preset's pipeline on `device` (CUDA when available) with the preset's schedule.
 
-    Weights: a `checkpoint` pipeline folder (`save_pretrained`, what training exports) for any preset; else fresh
-    ones with `random_weights` (or when the preset has no trained weights); else the preset's own. `text_encoder=False`
-    leaves UMT5 out where it would be loaded from disk (training with a latent cache)."""
+    Weights: a `checkpoint` pipeline folder (`save_pretrained`, what training exports) for any preset, streaming with
+    the settings it was saved with (a run may train at another size); else fresh ones with `random_weights` (or when
+    the preset has no trained weights); else the preset's own, streaming with the preset's settings.
+    `text_encoder=False` leaves UMT5 out where it would be loaded from disk (training with a latent cache)."""
     preset = get_preset(name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = preset.dtype(device)
     if checkpoint is not None and (Path(checkpoint) / "model_index.json").is_file():
-        pipe = load_saved_pipeline(checkpoint, text_encoder)
+        pipe = load_saved_pipeline(checkpoint, text_encoder, dtype)
     elif random_weights or (preset.random_weights and checkpoint is None):
         pipe = preset.build(preset, seed, device)
     elif preset.load_trained is not None:
         pipe = preset.load_trained(preset, checkpoint, base, text_encoder, device)
     else:
-        pipe = load_saved_pipeline(checkpoint or preset.weights, text_encoder)
+        pipe = load_saved_pipeline(checkpoint or preset.weights, text_encoder, dtype)
+    if checkpoint is None or pipe.config.stream is None:
+        pipe.register_to_config(stream=preset.stream.to_dict())
     # The base's own scheduler may be the teacher's UniPC; the student samples on the warped flow-matching table.
     pipe.register_modules(scheduler=preset.scheduler(pipe.transformer.config.num_train_timesteps))
-    pipe.register_to_config(stream=preset.stream.to_dict())
     return preset, pipe.to(device)
 
 
-def load_saved_pipeline(path: str | os.PathLike, text_encoder: bool = True) -> FashionChameleonPipeline:
+def load_saved_pipeline(path: str | os.PathLike, text_encoder: bool = True,
+                        dtype: torch.dtype = torch.float32) -> FashionChameleonPipeline:
     if not Path(path).is_dir() or not (Path(path) / "model_index.json").is_file():
         raise UserInputError(f"{path} is not a saved pipeline folder (no model_index.json)")
-    return FashionChameleonPipeline.from_pretrained(path, **({} if text_encoder else {"text_encoder": None}))
+    extra = {} if text_encoder else {"text_encoder": None}
+    return FashionChameleonPipeline.from_pretrained(path, torch_dtype=dtype, **extra)

@@ -179,9 +179,8 @@ class Rollout:
     ) -> torch.Tensor:
         """The transformer's flow velocity for `latents` at exact timestep `t` (the model rounds it itself)."""
         timestep = torch.as_tensor(t, device=latents.device, dtype=torch.float32).reshape(1).expand(latents.shape[0])
-        text = {"text_kv": self.text} if isinstance(self.text, TextKV) else {"encoder_hidden_states": self.text}
-        return self.model(latents, timestep, frame_positions=positions, kv_cache=self.cache, cache_write=write,
-                          cache_read=read, **text).sample
+        return self.model(latents, timestep, self.text, frame_positions=positions, kv_cache=self.cache,
+                          cache_write=write, cache_read=read).sample
 
     def _renoise(self, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Fresh noise mixed in to level `sigma` (flow matching: x = (1 - sigma) x0 + sigma noise)."""

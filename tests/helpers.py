@@ -88,7 +88,6 @@ def to_official_state_dict(state_dict: dict) -> dict:
     return out
 
 
-
 # -- the world on disk -----------------------------------------------------------------------------------------
 MOTION_CAPTIONS = {"sway": "A person sways from side to side.", "arm_swing": "A person swings their arms.",
                    "walk": "A person walks in place.", "turn": "A person turns left and right.",

@@ -158,6 +158,7 @@ def test_two_clients_never_see_each_others_switches(connect):
     second_job.result(timeout=PATIENCE)
     assert statuses(first_job)[-1]["garment_version"] == 1
     assert [s["garment_version"] for s in statuses(second_job)] == [0] * MID_STREAM
+    assert max(s["streams"] for s in statuses(second_job)) == 2  # the status says the model is shared
 
 
 def _png_header(width: int, height: int) -> bytes:

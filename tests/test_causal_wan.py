@@ -42,7 +42,7 @@ def test_subclass_equals_stock_transformer(tiny_transformer, tmp_path):
                 assert err(model(x, t, text).sample, expected) < 1e-5
         # The cached text K/V path gives the same numbers as projecting the prompt each call.
         text_kv = tiny_transformer.precompute_text_kv(text)
-        assert err(tiny_transformer(x, frame_t, text_kv=text_kv).sample, expected) < 1e-5
+        assert err(tiny_transformer(x, frame_t, text_kv).sample, expected) < 1e-5
         # RoPE is relative: shifting every frame changes nothing, moving one frame does (negative control).
         assert err(tiny_transformer(x, frame_t, text, frame_positions=range(7, 12)).sample, expected) < 1e-5
         moved = tiny_transformer(x, frame_t, text, frame_positions=[0, 1, 2, 3, 5]).sample

@@ -113,7 +113,8 @@ def test_whole_preset_save_pretrained_round_trip(tmp_path):
     out = tmp_path / "o.mp4"
     result = cli("generate", "--preset", "tiny", "--checkpoint", str(tmp_path / "tiny"), "--reference", REFERENCE,
                  "--garment", G1, "--chunks", "1", "--output", str(out))
-    assert result.returncode == 0, result.stderr and probe_video(out).frames == 9
+    assert result.returncode == 0, result.stderr
+    assert probe_video(out).frames == 9
 
 
 def test_wan22_preset_loads_a_stock_wan_folder_plus_official_checkpoint(tmp_path):

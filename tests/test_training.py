@@ -25,23 +25,15 @@ from fashionchameleon.training.config import STAGES, DataConfig, config_from_dic
 from fashionchameleon.training.data import (DrawSampler, LatentCache, TripletDataset, choose_caption, collate_triplets,
                                             discover_triplets, load_pixels)
 from fashionchameleon.training.losses import Rngs, chunk_ids, gr_dmd_loss
+from fashionchameleon.training.recipe import load_recipe, stage_config
 from fashionchameleon.training.reward import AestheticHead, chunk_weights, tiny_aesthetic_reward
 from fashionchameleon.training.trainer import Trainer
 from helpers import GARMENTS, REFERENCE, TINY_TRANSFORMER, caption, write_world_dataset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-#: The training tests' size: 64x32 frames (2 tokens a latent frame), chunks of 2 latent frames, 16 text tokens.
-STREAM = {"height": 64, "width": 32, "chunk_frames": 2, "max_text_tokens": 16}
+#: The training tests run at the tiny recipe's size (64x32 frames, chunks of 2 latent frames, 16 text tokens).
+STREAM = load_recipe(CONFIGS / "tiny.yaml")[0]["shared"]["stream"]
 TINY_STREAM = replace(get_preset("tiny").stream, **STREAM)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores two threads can spin for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- the in-context teacher-forcing mask (docs/method.md §3.2) -----------------------------------------------------
@@ -229,11 +221,22 @@ def test_tiny_aesthetic_reward_scores_every_frame_and_loads_released_head_names(
 
 
 # -- configs --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*_*.yaml")), ids=lambda p: p.name)  # mini.yaml: a recipe
-def test_shipped_configs_load(path):
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*_*.yaml")), ids=lambda p: p.name)
+def test_shipped_stage_configs_load(path):
     stage = path.name.split("_")[0]
     config = load_config(path, stage)
     assert config.stage == stage
+
+
+@pytest.mark.parametrize("name", ["tiny", "mini"])
+def test_shipped_recipes_chain_their_stages(name):
+    raw, configs = load_recipe(CONFIGS / f"{name}.yaml")
+    assert [config.stage for config in configs] == list(STAGES)
+    out = Path(raw["output_dir"])
+    assert configs[1].model.init == configs[2].model.teacher == str(out / "teacher" / "transformer")
+    # One stage of a recipe is the same config as in the whole run.
+    for config in configs:
+        assert stage_config(CONFIGS / f"{name}.yaml", config.stage) == config
 
 
 def test_5b_configs_hold_the_papers_hyperparameters():
@@ -537,10 +540,11 @@ def test_stage3_student_loads_into_the_engine_and_streams(workdir, dmd_runs, for
 
     preset, pipe = load_preset("tiny", checkpoint=workdir / "straight" / "pipeline", device="cpu")
     assert_same(pipe.transformer.state_dict(), straight.ema.shadow)
+    assert pipe.stream == TINY_STREAM  # the export streams at the size it was trained at, not the preset's
     stream = StreamingEngine(pipe).start(REFERENCE, GARMENTS[1], "a person walks", seed=0, chunks=2)
     chunks = list(stream)
-    assert [len(chunk.frames) for chunk in chunks] == [9, 12]
-    assert chunks[0].frames.shape[1:] == (get_preset("tiny").stream.height, get_preset("tiny").stream.width, 3)
+    assert [len(chunk.frames) for chunk in chunks] == [5, 8]  # chunks of 2 latent frames
+    assert chunks[0].frames.shape[1:] == (TINY_STREAM.height, TINY_STREAM.width, 3)
 
 
 def test_latent_cache_run_reads_the_same_batches(workdir):

@@ -123,6 +123,8 @@ def evaluate(pipe, config: EvalConfig = EvalConfig(), teacher=None, sampling: Te
 
     if not 1 <= config.switch_chunk < config.chunks:
         raise UserInputError(f"switch_chunk must lie in 1 .. chunks-1, got {config.switch_chunk} of {config.chunks}")
+    if teacher is not None and sampling is None:
+        raise ValueError("a teacher needs its `sampling` (the preset's `teacher`)")
     stream_config = pipe.stream
     engines = {mode: StreamingEngine(pipe, switch_mode=mode) for mode in config.modes}
     chunk = stream_config.chunk_frames

@@ -129,7 +129,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     Extra forward inputs: `frame_positions` (RoPE temporal index of each latent frame), `kv_cache` with
     `cache_write`/`cache_read` (which slots this call stores to and attends to), `attention_mask` for a
-    full-sequence forward (teacher forcing, equivalence tests), `text_kv` instead of text embeddings.
+    full-sequence forward (teacher forcing, equivalence tests); `encoder_hidden_states` may be a precomputed `TextKV`.
     `timestep` may be per sample [B], per frame [B, F] or per token [B, F*tokens_per_frame], always the exact
     flow-matching t = sigma * num_train_timesteps: the model applies its own input rules to it.
 
@@ -286,7 +286,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | TextKV | None = None,
         encoder_hidden_states_image: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
@@ -296,9 +296,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         cache_write: KVSlot | Sequence[KVSlot] | None = None,
         cache_read: Iterable[KVSlot] | None = None,
         attention_mask: torch.Tensor | None = None,
-        text_kv: TextKV | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Denoiser output (flow velocity) for latents [B, C, F, H, W]; shapes as in the stock forward."""
+        """Denoiser output (flow velocity) for latents [B, C, F, H, W]; shapes as in the stock forward.
+        `encoder_hidden_states` are UMT5 embeddings [B, L, text_dim] or a prompt's precomputed `TextKV`."""
         if encoder_hidden_states_image is not None:
             raise ValueError("the causal Wan takes no CLIP image embeddings")
         batch, _, num_frames, height, width = hidden_states.shape
@@ -316,12 +316,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         inputs = hidden_states
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
         temb, timestep_proj = self.embed_timesteps(timestep, ppf, frame_tokens, hidden_states.dtype)
-        if text_kv is not None:
-            text = text_kv
-        elif encoder_hidden_states is not None:
-            text = self.condition_embedder.text_embedder(encoder_hidden_states)
-        else:
-            raise ValueError("pass encoder_hidden_states or text_kv")
+        if encoder_hidden_states is None:
+            raise ValueError("pass encoder_hidden_states: text embeddings or a TextKV")
+        text = encoder_hidden_states
+        if not isinstance(text, TextKV):
+            text = self.condition_embedder.text_embedder(text)
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -366,8 +365,7 @@ def in_context_velocity(model, condition: torch.Tensor, noisy: torch.Tensor, t: 
     t = t[:, None].expand(batch, frames) if t.ndim == 1 else t
     frame_t = torch.cat([t.new_zeros(batch, condition_frames), t], dim=1)
     inputs = torch.cat([condition, noisy.to(condition.dtype)], dim=2)
-    text_kwargs = {"text_kv": text} if isinstance(text, TextKV) else {"encoder_hidden_states": text}
-    return model(inputs, frame_t, **text_kwargs).sample[:, :, condition_frames:]
+    return model(inputs, frame_t, text).sample[:, :, condition_frames:]
 
 
 def block_causal_mask(

@@ -166,6 +166,7 @@ class StreamService:
             "playback_fps": self.fps,
             "removed_words": list(ready.removed_words),
             "model": self.preset.name,
+            "streams": len(self.sessions),  # streams sharing the model right now (their chunks interleave)
         }
 
     # -- GPU plane ---------------------------------------------------------------------------------------------

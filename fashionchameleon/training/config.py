@@ -110,7 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir
-    export_pipeline: bool = False  # also save a whole pipeline folder (what `--preset tiny --checkpoint` loads)
+    export_pipeline: bool = False  # also save a whole pipeline folder (what `--checkpoint` of any preset loads)
     ema_decay: float = 0.0  # EMA of the trained network; 0 = none
     ema_start_step: int = 0
     loss_weighting: str = "wan"  # flow-matching loss weight over t: "wan" bell curve (docs/method.md §5) or "none"

@@ -1,4 +1,5 @@
-"""All three stages from one file: `python -m fashionchameleon train all --config configs/mini.yaml`.
+"""All three stages from one file: `python -m fashionchameleon train all --config configs/mini.yaml`, or one
+stage of it: `python -m fashionchameleon train teacher --config configs/mini.yaml`.
 
 A recipe file holds `output_dir`, `export` (where the final student pipeline goes), `shared` (keys every stage
 gets) and one section per stage (`teacher`, `forcing`, `dmd`) over that stage's defaults. The runner chains the
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserInputError
-from .config import STAGES, TrainConfig, config_from_dict
+from .config import STAGES, TrainConfig, config_from_dict, load_config
 from .trainer import PIPELINE_EXPORT, TRANSFORMER_EXPORT, Trainer
 
 RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", *STAGES}
@@ -51,6 +52,18 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
         values = _merge(_merge(raw.get("shared") or {}, raw[stage] or {}), chained[stage])
         configs.append(config_from_dict(stage, {**values, "output_dir": str(out / stage)}))
     return raw, configs
+
+
+def stage_config(path: str | Path, stage: str) -> TrainConfig:
+    """`stage`'s config from a stage file, or from a recipe (a file with a section per stage), chained as in a run of
+    the whole recipe."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        raw = None  # load_config says what is wrong with the file
+    if isinstance(raw, dict) and set(raw) & set(STAGES):
+        return dict(zip(STAGES, load_recipe(path)[1]))[stage]
+    return load_config(path, stage)
 
 
 def run_recipe(path: str | Path) -> Path:
