@@ -530,6 +530,16 @@ def test_kill_and_resume_continues_bit_exactly(workdir, dmd_runs, teacher, forci
     assert max(differences) > 1e-6
 
 
+def test_gr_dmd_rollout_never_evicts(dmd_runs):
+    """The training rollout keeps the whole clip in its cache (docs/method.md §3.3): a window of the conditioning
+    frames, the first chunk as sink and every later chunk as history."""
+    straight, _, _ = dmd_runs
+    loss, batch = straight.loss, straight.next_batch()
+    video, _ = loss.rollout(batch, Rngs(torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)))
+    assert loss.rollout_stream.window.window == batch.condition.shape[2] + video.shape[2]
+    assert loss.rollout_stream.sink_frames == TINY_STREAM.chunk_frames
+
+
 def test_stage3_student_loads_into_the_engine_and_streams(workdir, dmd_runs, forcing):
     straight, _, _ = dmd_runs
     # The exported transformer is the generator's EMA, not the initial (stage-2) weights.
