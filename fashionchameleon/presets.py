@@ -48,7 +48,7 @@ class Serving:
 class Preset:
     """Everything that differs between models. `build(preset, seed, device)` makes the architecture with fresh
     weights; trained weights come from `weights` (a shipped pipeline folder) or `load_trained(preset, checkpoint,
-    base, text_encoder)`."""
+    base, text_encoder, device)`."""
 
     name: str
     description: str
