@@ -49,12 +49,12 @@ class RecomputeRollout(Rollout):
         self.cache.plan(positions, write=write, read=read)
         context = [frame for slot in (tuple(KVSlot) if read is None else read) for frame in self._visible(slot)]
         frames = torch.cat([latent for latent, _, _ in context] + [latents], dim=2)
-        t = torch.as_tensor(t, device=latents.device, dtype=torch.float32).reshape(1)
-        timestep = torch.cat([torch.zeros(len(context), device=latents.device), t.expand(n)]).expand(batch, -1)
+        timestep = torch.cat([torch.zeros(len(context), device=latents.device), t.reshape(1).expand(n)])
         ids = [group for _, _, group in context] + [self._group] * n
         mask = block_causal_mask(ids, self.cache.frame_tokens, device=latents.device)
-        frame_positions = [pos for _, pos, _ in context] + positions
-        out = self.model(frames, timestep, self.text, frame_positions=frame_positions, attention_mask=mask)
+        frame_positions = [pos for _, pos, _ in context] + list(positions)
+        out = self.model(frames.to(self.transformer.dtype), timestep.expand(batch, -1), self.text,
+                         frame_positions=frame_positions, attention_mask=mask)
         if write is not None:
             for i, slot in enumerate([write] * n if isinstance(write, KVSlot) else write):
                 if slot in (KVSlot.REFERENCE, KVSlot.GARMENT):
@@ -122,7 +122,7 @@ def run_bench(
 
     stamps, chunk_list, streamed = _stream_seconds(engine, reference, garment, prompt, chunks, switch_every,
                                                    switch_images)
-    frames = sum(len(c.frames) for c in chunk_list)
+    frames = sum(c.num_frames for c in chunk_list)
     chunk_s = [c.timings["transformer"] + c.timings["decode"] for c in chunk_list]
     dit_s = sum(c.timings["transformer"] for c in chunk_list)
     switch_s = [c.timings["switch"] for c in chunk_list if "switch" in c.timings]
@@ -159,6 +159,7 @@ def run_bench(
         "dit_fps": frames / dit_s,
         "first_frame_ms": stamps[0] * 1000,
         "chunk_ms_median": statistics.median(chunk_s) * 1000,
+        "decode_ms_median": statistics.median(c.timings["decode"] for c in chunk_list) * 1000,
         "chunk_ms_first": chunk_s[0] * 1000,
         "chunk_ms_last": chunk_s[-1] * 1000,
         "chunk_ms_all": [round(s * 1000, 3) for s in chunk_s],
@@ -187,6 +188,7 @@ def format_table(result: dict) -> str:
         ("chunks / frames", f"{result['chunks']} / {result['frames']}"),
         ("fps (end to end)", f"{result['fps']:.2f}"), ("dit_fps", f"{result['dit_fps']:.2f}"),
         ("first_frame_ms", f"{result['first_frame_ms']:.1f}"),
+        ("decode_ms_median", f"{result['decode_ms_median']:.1f}"),
         ("chunk_ms median / first / last", f"{result['chunk_ms_median']:.1f} / {result['chunk_ms_first']:.1f} / "
                                            f"{result['chunk_ms_last']:.1f}"),
         ("last / first chunk", f"{result['last_over_first']:.2f}"),

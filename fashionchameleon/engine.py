@@ -45,13 +45,43 @@ class SwitchMode(str, enum.Enum):
 
 @dataclass
 class Chunk:
-    """One generated chunk: its pixel frames and where it sits in the stream."""
+    """One generated chunk: its pixel frames and where it sits in the stream.
+
+    The frames may still be on their way to the host (a CUDA copy the engine does not wait for, so that it can go
+    on to the next chunk): `frames` waits for that copy, `num_frames` never does.
+    """
 
     index: int
-    frames: np.ndarray  # uint8 [F, H, W, 3]
+    host_frames: torch.Tensor = field(repr=False)  # uint8 [F, H, W, 3] on the host, pinned if copied from CUDA
     garment_version: int
     first_frame: int  # index of frames[0] in the whole stream
     timings: dict[str, float] = field(default_factory=dict)  # seconds; filled when the engine profiles
+    copied: torch.cuda.Event | None = field(default=None, repr=False)  # recorded after the copy; None: no copy
+
+    @property
+    def num_frames(self) -> int:
+        return self.host_frames.shape[0]
+
+    @property
+    def frames(self) -> np.ndarray:
+        """uint8 [F, H, W, 3]; waits for the host copy if it is still in flight."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_frames.numpy()
+
+
+def _copy_to_host(frames: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying device `frames` to the host without waiting; the event, recorded after the copy on the stream
+    that made the frames, says when it is done (None where the copy is already done). Pinned memory makes a CUDA
+    copy truly asynchronous; torch's host allocator caches the pinned blocks, so a stream reuses them chunk after
+    chunk. A blocking event lets the waiting thread sleep instead of spinning a core the encoder could use."""
+    if frames.device.type != "cuda":
+        return frames.cpu(), None
+    host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    copied = torch.cuda.Event(blocking=True)
+    copied.record(torch.cuda.current_stream(frames.device))
+    return host, copied
 
 
 @dataclass
@@ -126,7 +156,7 @@ class Stream:
         self._requests: queue.SimpleQueue[_SwitchRequest] = queue.SimpleQueue()  # thread-safe, also without a GIL
         self._stopped = threading.Event()
         self.decoder = engine.pipe.codec.stream_decoder()
-        self.last_frame: np.ndarray | None = None
+        self.last_frame: torch.Tensor | None = None  # uint8 [H, W, 3], on the device: the last frame shown
 
     # -- iteration --------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Chunk]:
@@ -145,12 +175,13 @@ class Stream:
         x0 = self.rollout.next_latents()
         timer.lap("transformer")
         with torch.no_grad():
-            frames = media.tensor_to_frames(self.decoder.decode(x0))  # host copy: the one sync per chunk
+            frames = media.quantize(self.decoder.decode(x0))  # on the device: no host sync in the engine
+        host_frames, copied = _copy_to_host(frames)
         timer.lap("decode")
-        chunk = Chunk(self.chunk_index, frames, self.garment_version, self.frames_out, timer.laps)
+        chunk = Chunk(self.chunk_index, host_frames, self.garment_version, self.frames_out, timer.laps, copied)
         self.chunk_index += 1
-        self.frames_out += len(frames)
-        self.last_frame = frames[-1]
+        self.frames_out += chunk.num_frames
+        self.last_frame = frames[-1].clone()  # a copy, so that the rest of the chunk's device frames can be freed
         return chunk
 
     def play(self, switches: dict[int, Image.Image | str]) -> Iterator[Chunk]:
@@ -209,7 +240,7 @@ class Stream:
         reference (it is already at the stream size, so it is not re-cropped). Takes effect at the next prefill."""
         if self.last_frame is None:
             return
-        pixels = media.image_to_tensor(media.frame_to_image(self.last_frame))
+        pixels = media.frame_to_tensor(self.last_frame)  # on the device: a switch does not wait for the host
         self.rollout.replace_reference(self.engine.pipe.encode_pixels(pixels))
 
     @torch.no_grad()

@@ -22,7 +22,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -42,6 +41,8 @@ __all__ = [
     "letterbox_garment",
     "blank_garment",
     "image_to_tensor",
+    "frame_to_tensor",
+    "quantize",
     "tensor_to_frames",
     "frame_to_image",
     "encode_segment",
@@ -253,15 +254,34 @@ def blank_garment(width: int, height: int) -> Image.Image:
     return Image.new("RGB", (width, height), (255, 255, 255))
 
 
+def _unit_range(levels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [-1, 1] (the VAE's input range): the one place this arithmetic lives."""
+    return levels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+#: `_unit_range` of every uint8 level, computed on the CPU. Devices look values up here rather than divide: CUDA
+#: divides by a scalar through its reciprocal, a bit off the CPU's division for about half the levels.
+_LEVELS = _unit_range(torch.arange(256, dtype=torch.uint8))
+
+
 def image_to_tensor(image: Any) -> torch.Tensor:
     """RGB image -> float32 tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
     arr = np.asarray(_as_rgb(image), dtype=np.uint8)
-    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+    return _unit_range(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
 
 
-def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
-    """Decoded video [3, F, H, W] or [1, 3, F, H, W] in [-1, 1] -> uint8 frames [F, H, W, 3].
+def frame_to_tensor(frame: torch.Tensor) -> torch.Tensor:
+    """uint8 frame [H, W, 3] on any device -> float32 [3, H, W] in [-1, 1] on that device, without a trip through
+    the host; equal to `image_to_tensor` of the same pixels."""
+    if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] frame, got {frame.dtype} {tuple(frame.shape)}")
+    levels = _LEVELS.to(frame.device, non_blocking=True)  # 1 KB; a constant, so an async copy is safe
+    return levels[frame.long()].permute(2, 0, 1).contiguous()  # contiguous as image_to_tensor's: same conv kernels
+
+
+def quantize(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video [3, F, H, W] or [1, 3, F, H, W] in [-1, 1] -> uint8 frames [F, H, W, 3] on the video's own
+    device, so that a GPU stream quantizes without waiting and copies only bytes to the host.
 
     Values are clamped (the VAE overshoots slightly) and rounded, not truncated, so that
     image_to_tensor followed by this function is lossless.
@@ -274,9 +294,14 @@ def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
         video = video[0]
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"expected [3, F, H, W] or [1, 3, F, H, W], got shape {tuple(video.shape)}")
-    x = video.detach().to(device="cpu", dtype=torch.float32)
+    x = video.detach().to(torch.float32)
     x = torch.nan_to_num(x, nan=0.0).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
-    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
+    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """`quantize`, as a numpy array on the host."""
+    return quantize(video).cpu().numpy()
 
 
 def frame_to_image(frame: np.ndarray) -> Image.Image:
@@ -353,6 +378,8 @@ class VideoWriter:
 
     # -- writing -----------------------------------------------------------------------------
     def _open(self, width: int, height: int) -> None:
+        import av  # imported where video is written, so the engine and the GPU check run without PyAV
+
         # faststart moves the index to the front at close, so browsers can play before downloading.
         self._container = av.open(
             str(self.path), mode="w", format=self._format, options={"movflags": "+faststart"}
@@ -378,6 +405,8 @@ class VideoWriter:
             self._open(width, height)
         elif (width, height) != self._size:
             raise ValueError(f"frame size {width}x{height} differs from the video's {self._size[0]}x{self._size[1]}")
+        import av
+
         for rgb in frames:
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame = frame.reformat(

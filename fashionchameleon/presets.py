@@ -178,15 +178,13 @@ def load_wan22(preset: Preset, checkpoint: str | os.PathLike | None, base: str |
 
 
 def cast_except_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """`model.to(dtype)` that, like diffusers' `from_pretrained(torch_dtype=...)`, leaves the modules the model
-    keeps in fp32 alone (a plain `.to` would round the RoPE tables to bf16)."""
+    """`model.to(dtype)` that, like diffusers' `from_pretrained(torch_dtype=...)`, keeps in fp32 every parameter
+    whose dotted name contains a `_keep_in_fp32_modules` entry: modules (`time_embedder`, the norms) and bare
+    parameters alike (`scale_shift_table`), so a random-weight model is dtype-identical to a loaded one."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, module in model.named_modules():
-        if keep & set(name.split(".")):
-            continue
-        for key, param in module.named_parameters(recurse=False):
-            if param.is_floating_point():
-                param.data = param.data.to(dtype)
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not keep & set(name.split(".")):
+            param.data = param.data.to(dtype)
     return model
 
 

@@ -80,15 +80,20 @@ class Rollout:
             raise ValueError(f"exit_step must be in [0, {len(sigmas) - 1}], got {exit_step}")
         self.transformer, self.model = transformer, model or transformer
         self.chunk_frames = stream.chunk_frames
-        self.sigmas = sigmas
-        self.timesteps = sigmas * transformer.config.num_train_timesteps
         self.reference_latent, self.garment_latent = reference_latent, garment_latent
         self.text = text
         self.generator = generator
         self.exit_step, self.context_noise = exit_step, context_noise
         self.batch_size, self.latent_channels, _, height, width = reference_latent.shape
         self.latent_size = (height, width)
-        self.cache: KVCache = transformer.new_kv_cache(self.batch_size, height, width, policy=stream.window)
+        device = reference_latent.device
+        # The schedule lives on the device in fp32: the chunk loop indexes it and never copies host data.
+        self.sigmas = sigmas.to(device, torch.float32)
+        self.timesteps = self.sigmas * transformer.config.num_train_timesteps
+        self.clean_timestep = torch.zeros((), device=device)
+        self.context_sigma = torch.tensor(float(context_noise), device=device)
+        self.cache: KVCache = transformer.new_kv_cache(self.batch_size, height, width, policy=stream.window,
+                                                       dtype=compute_dtype(transformer, device))
         self.condition_frames = reference_latent.shape[2] + garment_latent.shape[2]  # RoPE 0, 1; video from 2
         self.next_position = self.condition_frames
         self.prefill()
@@ -104,12 +109,14 @@ class Rollout:
         """Joint t = 0 pass of [reference, garment] at RoPE 0/1: they attend to each other only and fill the
         REFERENCE and GARMENT slots (the reference KV depends on the garment)."""
         latents = torch.cat([self.reference_latent, self.garment_latent], dim=2)
-        self._forward(latents, 0.0, list(range(self.condition_frames)), write=[KVSlot.REFERENCE, KVSlot.GARMENT],
-                      read=())
+        self._forward(latents, self.clean_timestep, range(self.condition_frames),
+                      write=[KVSlot.REFERENCE, KVSlot.GARMENT], read=())
 
-    def denoise_chunk(self, positions: list[int]) -> torch.Tensor:
+    def denoise_chunk(self, positions: range) -> torch.Tensor:
         """The few-step student: predict x0 at each warped step, re-noise with fresh noise to the next level.
 
+        The latents and the sigma arithmetic stay in fp32 whatever the model's dtype (in bf16, sigma 0.8333 would
+        be 0.8320); only the model's input is cast. Returns x0 in fp32.
         With `exit_step` it stops after that step, and only that step's forward records gradients (if the caller
         has them enabled), so the output carries the gradient of exactly one pass.
         """
@@ -118,21 +125,21 @@ class Rollout:
         last = len(self.sigmas) - 1 if self.exit_step is None else self.exit_step
         grad = self.exit_step is not None and torch.is_grad_enabled()
         x = self._noise(shape)
-        for i, (sigma, t) in enumerate(zip(self.sigmas[: last + 1], self.timesteps)):
+        for i in range(last + 1):
             with torch.set_grad_enabled(grad and i == last):
-                velocity = self._forward(x, t, positions)
-                x0 = x - sigma.to(x.dtype) * velocity  # flow matching: v = noise - x0
+                velocity = self._forward(x, self.timesteps[i], positions)
+                x0 = x - self.sigmas[i] * velocity.float()  # flow matching: v = noise - x0
             if i < last:
                 x = self._renoise(x0, self.sigmas[i + 1])
         return x0
 
     @torch.no_grad()
-    def commit_chunk(self, x0: torch.Tensor, positions: list[int]) -> None:
+    def commit_chunk(self, x0: torch.Tensor, positions: range) -> None:
         """Clean re-run at t = 0 that stores the chunk's K/V: the sink after a prefill, history after that."""
         slot = KVSlot.SINK if self.cache.num_frames(KVSlot.SINK) == 0 else KVSlot.HISTORY
         if self.context_noise:
-            x0 = self._renoise(x0, torch.tensor(self.context_noise))
-        self._forward(x0, 0.0, positions, write=slot)
+            x0 = self._renoise(x0, self.context_sigma)
+        self._forward(x0, self.clean_timestep, positions, write=slot)
 
     def next_latents(self) -> torch.Tensor:
         """The next chunk in latent space [B, C, chunk_frames, h, w]: denoise, then commit its clean K/V."""
@@ -140,7 +147,7 @@ class Rollout:
         if n > self.positions_left:
             raise ValueError(f"RoPE position {self.next_position + n} exceeds the table "
                              f"({self.transformer.config.rope_max_seq_len}); re-anchor the stream first")
-        positions = list(range(self.next_position, self.next_position + n))
+        positions = range(self.next_position, self.next_position + n)
         self.cache.make_room(n)
         x0 = self.denoise_chunk(positions)
         self.commit_chunk(x0, positions)
@@ -172,21 +179,28 @@ class Rollout:
     def _forward(
         self,
         latents: torch.Tensor,
-        t: float | torch.Tensor,
-        positions: list[int],
+        t: torch.Tensor,
+        positions: range | list[int],
         write: KVSlot | Sequence[KVSlot] | None = None,
         read: tuple[KVSlot, ...] | None = None,
     ) -> torch.Tensor:
-        """The transformer's flow velocity for `latents` at exact timestep `t` (the model rounds it itself)."""
-        timestep = torch.as_tensor(t, device=latents.device, dtype=torch.float32).reshape(1).expand(latents.shape[0])
-        return self.model(latents, timestep, self.text, frame_positions=positions, kv_cache=self.cache,
-                          cache_write=write, cache_read=read).sample
+        """The transformer's flow velocity for `latents` at exact timestep `t` (a 0-d tensor on the device; the
+        model rounds it itself). `latents` are cast to the model's dtype here, the one place they meet it."""
+        timestep = t.reshape(1).expand(latents.shape[0])
+        return self.model(latents.to(self.transformer.dtype), timestep, self.text, frame_positions=positions,
+                          kv_cache=self.cache, cache_write=write, cache_read=read).sample
 
     def _renoise(self, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Fresh noise mixed in to level `sigma` (flow matching: x = (1 - sigma) x0 + sigma noise)."""
-        sigma = sigma.to(x0.dtype)
-        return (1 - sigma) * x0 + sigma * self._noise(x0.shape)
+        """Fresh noise mixed in to level `sigma` in fp32 (flow matching: x = (1 - sigma) x0 + sigma noise)."""
+        return (1 - sigma) * x0.float() + sigma * self._noise(x0.shape)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
-        device, dtype = self.reference_latent.device, self.transformer.dtype
-        return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32).to(dtype)
+        return torch.randn(shape, generator=self.generator, device=self.reference_latent.device, dtype=torch.float32)
+
+
+def compute_dtype(transformer: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype the transformer computes K/V in: autocast's when it is on (training keeps fp32 master weights
+    and runs bf16), else the weights'. The cache is allocated in it (an fp32 cache of the 5B is ~15 GB)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return transformer.dtype

@@ -11,7 +11,7 @@ import torch
 
 from fashionchameleon import media
 from fashionchameleon.bench import RecomputeEngine
-from fashionchameleon.engine import Stream, StreamingEngine, SwitchMode
+from fashionchameleon.engine import Chunk, Stream, StreamingEngine, SwitchMode
 from fashionchameleon.models.kv_cache import KVSlot
 from fashionchameleon.presets import load_preset
 from helpers import GARMENTS, REFERENCE
@@ -60,6 +60,7 @@ def test_chunks_frame_counts_and_determinism(pipe, stream_config):
     assert [c.index for c in chunks] == [0, 1, 2]
     assert {c.garment_version for c in chunks} == {0}
     assert chunks[0].frames.dtype == np.uint8 and chunks[0].frames.shape[1:] == (96, 64, 3)
+    assert [c.num_frames for c in chunks] == [9, 12, 12]
     again = list(engine.start(REFERENCE, GARMENTS[0], "a person walks", seed=3, chunks=3))
     assert all(np.array_equal(a.frames, b.frames) for a, b in zip(chunks, again))
     other = list(engine.start(REFERENCE, GARMENTS[0], "a person walks", seed=4, chunks=1))
@@ -132,7 +133,7 @@ def test_switch_modes_leave_the_cache_as_specified(pipe, stream_config, mode):
     else:
         assert after["sink"] == [] and after["history"] == [] and rollout.next_position == 2
     if mode is SwitchMode.FULL:
-        expected = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
+        expected = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame.cpu().numpy())))
         assert torch.equal(rollout.reference_latent, expected)
         assert float((rollout.reference_latent - old_reference).abs().max()) > 1e-3
     else:
@@ -141,6 +142,44 @@ def test_switch_modes_leave_the_cache_as_specified(pipe, stream_config, mode):
     assert chunk.garment_version == 1
     if mode is not SwitchMode.REFRESH:
         assert positions(stream)["sink"] == [2, 3, 4]  # the first chunk after a withdraw is the new sink
+
+
+def test_the_last_frame_stays_on_the_device_and_is_the_last_one_shown(pipe, stream_config):
+    stream = StreamingEngine(pipe, stream_config).start(REFERENCE, GARMENTS[0], chunks=2)
+    chunks = list(stream)
+    assert stream.last_frame.dtype == torch.uint8 and stream.last_frame.device == pipe.transformer.device
+    assert np.array_equal(stream.last_frame.cpu().numpy(), chunks[-1].frames[-1])
+
+
+class FakeCopy:
+    """Stands in for the CUDA event of a host copy in flight."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+def test_a_chunk_waits_for_its_host_copy_only_for_the_frames():
+    copy = FakeCopy()
+    chunk = Chunk(0, torch.zeros(5, 4, 6, 3, dtype=torch.uint8), 0, 0, copied=copy)
+    assert chunk.num_frames == 5 and copy.waits == 0  # the frame count needs no sync
+    assert chunk.frames.shape == (5, 4, 6, 3) and chunk.frames.dtype == np.uint8
+    assert copy.waits == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chunks_copy_to_pinned_memory_after_an_event():
+    pipe = load_preset("tiny", device="cuda")[1]
+    stream = StreamingEngine(pipe).start(REFERENCE, GARMENTS[0], chunks=2)
+    chunks = list(stream)
+    assert all(c.host_frames.is_pinned() and isinstance(c.copied, torch.cuda.Event) for c in chunks)
+    assert [c.num_frames for c in chunks] == [len(c.frames) for c in chunks]
+    assert stream.last_frame.is_cuda and np.array_equal(stream.last_frame.cpu().numpy(), chunks[-1].frames[-1])
+    stream.disentangle_reference()  # on the device; equal to the host path
+    host_path = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(chunks[-1].frames[-1])))
+    assert torch.equal(stream.rollout.reference_latent, host_path)
 
 
 def while_inside(obj, method: str, action, when=lambda: True) -> threading.Thread:
@@ -340,7 +379,7 @@ def test_each_primitive_alone(pipe, stream_config):
     reference_keys = cache.keys[1][:, :tokens].clone()
     stream.disentangle_reference()
     assert positions(stream) == before and torch.equal(cache.keys[1][:, :tokens], reference_keys)
-    expected = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame)))
+    expected = pipe.encode_pixels(media.image_to_tensor(media.frame_to_image(stream.last_frame.cpu().numpy())))
     assert torch.equal(rollout.reference_latent, expected)
 
     rollout.withdraw_history_kv()

@@ -236,6 +236,34 @@ def test_tensor_to_frames_clamps_and_rounds():
         media.tensor_to_frames(torch.zeros(3, H, W))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_on_the_device_equals_the_host_frames(device):
+    video = torch.rand(3, 4, H, W, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # overshoots too
+    video[0, 0, 0, 0] = float("nan")
+    frames = media.quantize(video.to(device))
+    assert frames.device.type == device and frames.dtype == torch.uint8 and frames.shape == (4, H, W, 3)
+    assert np.array_equal(frames.cpu().numpy(), media.tensor_to_frames(video))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frame_to_tensor_on_the_device_equals_the_image_path(device):
+    """What reference KV disentangle does with the last frame, without the host: the same tensor as the frame
+    taken through PIL and `image_to_tensor`, for every uint8 level."""
+    frame = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    frame.reshape(-1)[:256] = np.arange(256)  # every level at least once
+    pixels = media.frame_to_tensor(torch.from_numpy(frame).to(device))
+    assert pixels.device.type == device
+    expected = media.image_to_tensor(media.frame_to_image(frame))
+    assert pixels.dtype == expected.dtype and torch.equal(pixels.cpu(), expected)
+    assert pixels.stride() == expected.stride()  # the same layout, so the VAE runs the same kernels on it
+    # Negative control: dividing through the reciprocal (what CUDA does for a scalar divisor) is not equal.
+    reciprocal = torch.from_numpy(frame).permute(2, 0, 1).float().mul(1 / 127.5).sub(1.0)
+    assert not torch.equal(reciprocal, expected)
+
+
 # --- video ----------------------------------------------------------------------------------
 
 

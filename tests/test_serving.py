@@ -9,12 +9,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from fashionchameleon import media
+from fashionchameleon.engine import Stream
 from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STOP, STOPPED, STREAMING, SWITCH, ChunkReady, Mailbox, Message
 from fashionchameleon.serving import Pacer, StreamService
+from fashionchameleon.serving.producer import Producer
 from helpers import GARMENTS, REFERENCE, probe_video
 
 GARMENT, NEXT_GARMENT = GARMENTS[:2]
@@ -22,6 +26,8 @@ GARMENT, NEXT_GARMENT = GARMENTS[:2]
 LONG_STREAM = 40
 #: Seconds to wait for anything the test expects (generous: CI machines are slow).
 PATIENCE = 60
+#: Seconds a test's slow encoder waits for something that the old, serial producer never lets happen.
+NEVER = 5
 
 
 # -- mailbox -------------------------------------------------------------------------------------------------------
@@ -197,6 +203,124 @@ def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
     while os.listdir(service.chunk_root) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert os.listdir(service.chunk_root) == []
+
+
+# -- the producer's engine and encoder threads ------------------------------------------------------------------------
+@pytest.fixture
+def unpaced(service):
+    """An unpaced producer on the service's model with its own thread set, and a stream id with mailbox and folder."""
+    threads: set[threading.Thread] = set()
+    producer = Producer(service.engine, service.mailbox, service.sessions.folders, threads, fps=service.fps, pacing=0)
+    stream_id = uuid.uuid4().hex
+    service.mailbox.open(stream_id)
+    service.sessions.folders.create(stream_id)
+    yield producer, stream_id, threads
+    service.mailbox.remove(stream_id)
+    service.sessions.folders.delete(stream_id)
+
+
+def all_ended(threads: set[threading.Thread]) -> bool:
+    for thread in list(threads):
+        thread.join(PATIENCE)
+    return not threads
+
+
+def record(monkeypatch, generate=None, encode=None) -> list[tuple[str, int]]:
+    """Log ("generate", k) when the engine starts chunk k and ("encoded", k) when segment k is written; `generate`
+    and `encode` run first with k (to wait or to raise)."""
+    events: list[tuple[str, int]] = []
+    original_next, original_encode = Stream.__next__, media.encode_segment
+
+    def next_chunk(stream):
+        events.append(("generate", stream.chunk_index))
+        if generate:
+            generate(stream.chunk_index)
+        return original_next(stream)
+
+    def encode_segment(frames, path, fps):
+        index = int(Path(path).stem)
+        if encode:
+            encode(index)
+        path = original_encode(frames, path, fps)
+        events.append(("encoded", index))
+        return path
+
+    monkeypatch.setattr(Stream, "__next__", next_chunk)
+    monkeypatch.setattr(media, "encode_segment", encode_segment)
+    return events
+
+
+def test_the_engine_makes_the_next_chunk_while_the_previous_is_encoded(unpaced, monkeypatch):
+    producer, stream_id, threads = unpaced
+    second_started = threading.Event()
+    running = []
+
+    def encode(index):
+        if index == 0:
+            running.extend(sorted(thread.name.split("-")[0] for thread in threads))
+            second_started.wait(NEVER)
+
+    events = record(monkeypatch, generate=lambda k: k == 1 and second_started.set(), encode=encode)
+    ready = list(producer.produce(stream_id, REFERENCE, GARMENT, "", 0, 3))
+    assert running == ["encode", "stream"]
+    assert events.index(("generate", 1)) < events.index(("encoded", 0))  # chunk 0's encoding did not hold the engine
+    assert [(r.index, r.frames, r.state) for r in ready] == [(0, 9, STREAMING), (1, 12, STREAMING), (2, 12, DONE)]
+    assert [probe_video(r.path).frames for r in ready] == [9, 12, 12]
+    assert all(r.fps > 0 for r in ready)
+    assert all_ended(threads)
+
+
+def test_an_engine_error_comes_after_the_chunks_made_before_it(unpaced, monkeypatch):
+    producer, stream_id, threads = unpaced
+    failed = threading.Event()
+
+    def generate(index):
+        if index == 2:
+            failed.set()
+            raise RuntimeError("the engine failed")
+
+    record(monkeypatch, generate=generate, encode=lambda k: k == 1 and failed.wait(NEVER))
+    seen = []
+    with pytest.raises(RuntimeError, match="the engine failed"):
+        for ready in producer.produce(stream_id, REFERENCE, GARMENT, "", 0, LONG_STREAM):
+            seen.append(ready.index)
+    assert seen == [0, 1]
+    assert all_ended(threads)
+
+
+def test_an_encode_error_reaches_the_consumer_and_ends_both_threads(unpaced, service, monkeypatch):
+    producer, stream_id, threads = unpaced
+
+    def encode(index):
+        if index == 1:
+            raise OSError("disk full")
+
+    events = record(monkeypatch, encode=encode)
+    seen = []
+    with pytest.raises(OSError, match="disk full"):
+        for ready in producer.produce(stream_id, REFERENCE, GARMENT, "", 0, LONG_STREAM):
+            seen.append(ready.index)
+    assert seen == [0]
+    assert all_ended(threads)
+    assert max(k for kind, k in events if kind == "generate") <= QUEUE_CHUNKS + 1  # chunk 0 taken; the engine stopped
+    assert (service.sessions.folders.path(stream_id) / ".producer-done").exists()  # the folder is handed over
+
+
+def test_production_stays_bounded_ahead_of_a_consumer_that_does_not_take(unpaced, monkeypatch):
+    """At most QUEUE_CHUNKS + 1 chunks are made and not taken, encoder stage or not (a switch lands as soon)."""
+    producer, stream_id, threads = unpaced
+    events = record(monkeypatch)
+    items = producer.produce(stream_id, REFERENCE, GARMENT, "", 0, LONG_STREAM)
+    assert next(items).index == 0
+    deadline = time.monotonic() + PATIENCE
+    while ("encoded", 1 + QUEUE_CHUNKS) not in events:  # the pipeline is full
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)  # room for the engine to run ahead if it could
+    generated = [k for kind, k in events if kind == "generate"]
+    assert generated == list(range(1 + QUEUE_CHUNKS + 1))
+    items.close()
+    assert all_ended(threads)
 
 
 # -- the real spaces.GPU wrapper, with only the ZeroGPU scheduler and torch patching stubbed --------------------------

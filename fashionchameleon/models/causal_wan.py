@@ -9,6 +9,7 @@ precomputed text K/V (`TextKV`), computed once per stream.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .kv_cache import KVCache, KVPlan, KVSlot, WindowPolicy
 
@@ -58,6 +60,21 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     return out.type_as(x)
 
 
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention [B, L, H, D] under a `BlockMask`, compiled. diffusers' flex backend calls `flex_attention`
+    eagerly, which materialises the whole score matrix (over 100 GB per layer at the 5B's 40,480 training
+    tokens); compiled, it is the fused block-sparse kernel. Training only (the Space never builds a BlockMask)."""
+    out = _compiled_flex_attention()(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                     block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
 class _LayerAttnProcessor:
     """A processor bound to one layer (caches are per layer); diffusers sets `_attention_backend` on it."""
 
@@ -67,8 +84,11 @@ class _LayerAttnProcessor:
     def __init__(self, layer: int) -> None:
         self.layer = layer
 
-    def _attend(self, attn: WanAttention, query, key, value, mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
+    def _attend(self, attn: WanAttention, query, key, value, mask: torch.Tensor | BlockMask | None = None):
+        if isinstance(mask, BlockMask):
+            hidden_states = block_sparse_attention(query, key, value, mask)
+        else:
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
@@ -231,18 +251,25 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     # -- pieces of the forward --------------------------------------------------------------------------
     def rope_at(self, frame_positions: Sequence[int] | torch.Tensor, height: int, width: int, device) -> tuple:
-        """RoPE cos/sin [1, F*h*w, 1, D] for latent frames at explicit temporal positions (stock RoPE tables)."""
+        """RoPE cos/sin [1, F*h*w, 1, D] for latent frames at explicit temporal positions (stock RoPE tables).
+
+        A `range` of positions (every streaming call) slices the table, which is already on the device: no
+        host-to-device copy, so the chunk loop never waits on the host. Other sequences are indexed.
+        """
         rope = self.rope
-        positions = torch.as_tensor(frame_positions, device=device, dtype=torch.long)
-        if positions.numel() and int(max(frame_positions)) >= rope.max_seq_len:
+        ppf = len(frame_positions)
+        if ppf and int(max(frame_positions)) >= rope.max_seq_len:
             raise ValueError(f"RoPE frame position {int(max(frame_positions))} exceeds the table ({rope.max_seq_len})")
+        if isinstance(frame_positions, range) and frame_positions.step == 1:
+            positions = slice(frame_positions.start, frame_positions.stop)
+        else:
+            positions = torch.as_tensor(frame_positions, device=device, dtype=torch.long)
         _, p_h, p_w = self.config.patch_size
         pph, ppw = height // p_h, width // p_w
         split = [rope.t_dim, rope.h_dim, rope.w_dim]
         out = []
         for table in (rope.freqs_cos, rope.freqs_sin):
             t_tab, h_tab, w_tab = table.split(split, dim=1)
-            ppf = positions.numel()
             parts = [
                 t_tab[positions].view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1),
                 h_tab[:pph].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1),
@@ -305,7 +332,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         p_t, p_h, p_w = self.config.patch_size
         ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
         frame_tokens = pph * ppw
-        positions = list(range(ppf)) if frame_positions is None else frame_positions
+        positions = range(ppf) if frame_positions is None else frame_positions
 
         freqs_cos, freqs_sin = self.rope_at(positions, height, width, hidden_states.device)
         plan = None

@@ -102,13 +102,14 @@ def load_official_checkpoint(path) -> dict[str, torch.Tensor]:
     """Load an official FashionChameleon / Self-Forcing `model.pt` and return diffusers-named tensors.
 
     Picks `generator_ema` > `generator` > `model` > a bare state dict, like the official streaming predictor.
-    `weights_only=True` so a checkpoint cannot run code.
+    `weights_only=True` so a checkpoint cannot run code; `mmap=True` so that only the picked dict is read from
+    disk (a GR-DMD `model.pt` also holds the critic and EMA copies: about 60 GB at 5B).
     """
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"Checkpoint not found: {path} is not a file.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # corrupt, truncated, text, or a pickle with arbitrary objects
         if "weights only load failed" in str(exc).lower():
             reason = "it pickles Python objects other than tensors and plain containers, which are not loaded"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,23 +53,50 @@ class WindowPolicy:
 
 @dataclass(frozen=True)
 class KVPlan:
-    """What one forward reads and writes, in token ranges of the buffers (fixed before the forward runs)."""
+    """What one forward reads and writes, in token ranges of the buffers (fixed before the forward runs).
+
+    `write_runs` place this call's K/V in the buffer: stored (a commit or prefill) or, for a read-only pass,
+    scratch in free frames that nothing reads later. When the visible frames and those runs form one contiguous
+    range (`view`: always, for a stream whose sink is one chunk), attention reads that one buffer view; key order
+    does not matter to attention, keys being stored after RoPE. Otherwise, and whenever this call's K/V carry
+    gradient, the cached ranges and the call's own K/V are concatenated.
+    """
 
     cache: "KVCache"
     read_ranges: tuple[tuple[int, int], ...]
     write_runs: tuple[tuple[int, int, int], ...]  # (buffer start, input start, length), in tokens
+    stores: bool  # the write runs are kept (a commit or a prefill), not scratch
+    view: tuple[int, int] | None  # [start, end) in tokens of visible frames + this call's own, when contiguous
+    _saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's `key`/`value` [B, L, H, D] if it writes, and return [cached ; current] for attention."""
+        """Place this call's `key`/`value` [B, L, H, D] and return the keys/values attention runs over."""
         key_buffer, value_buffer = self.cache.keys[layer], self.cache.values[layer]
-        keys = [key_buffer[:, a:b] for a, b in self.read_ranges] + [key]
-        values = [value_buffer[:, a:b] for a, b in self.read_ranges] + [value]
-        for dst, src, n in self.write_runs:
-            key_buffer[:, dst : dst + n] = key[:, src : src + n].detach()
-            value_buffer[:, dst : dst + n] = value[:, src : src + n].detach()
-        if len(keys) == 1:
+        fast = self.view is not None and not (key.requires_grad or value.requires_grad)
+        if fast or self.stores:
+            for dst, src, n in self.write_runs:
+                key_buffer[:, dst : dst + n] = key[:, src : src + n].detach()
+                value_buffer[:, dst : dst + n] = value[:, src : src + n].detach()
+        if fast:
+            start, end = self.view
+            return key_buffer[:, start:end], value_buffer[:, start:end]
+        if not self.read_ranges:
             return key, value
-        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+        cached_key, cached_value = self._cached(layer)
+        return torch.cat([cached_key, key], dim=1), torch.cat([cached_value, value], dim=1)
+
+    def _cached(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visible cached K/V, copied out of the buffer. Under autograd the copy is kept per layer, so a
+        gradient-checkpointing recompute at backward time attends to what the forward saw, even after later chunks
+        have overwritten the ring."""
+        if layer in self._saved:
+            return self._saved[layer]
+        key_buffer, value_buffer = self.cache.keys[layer], self.cache.values[layer]
+        cached = (torch.cat([key_buffer[:, a:b] for a, b in self.read_ranges], dim=1),
+                  torch.cat([value_buffer[:, a:b] for a, b in self.read_ranges], dim=1))
+        if torch.is_grad_enabled():
+            self._saved[layer] = cached
+        return cached
 
 
 class KVCache:
@@ -168,13 +195,43 @@ class KVCache:
         visible = sorted(frame for slot in read_slots for frame, _ in self._frames[slot])
         read_ranges = _merge_runs((frame * self.frame_tokens, self.frame_tokens) for frame in visible)
 
-        runs = []
-        for index, (slot, position) in enumerate(zip(targets, positions)):
-            frame = self._reserve(slot)
-            self._frames[slot].append((frame, position))
-            runs.append((frame * self.frame_tokens, index * self.frame_tokens, self.frame_tokens))
-        write_runs = tuple(_merge_write_runs(runs))
-        return KVPlan(self, tuple(read_ranges), write_runs)
+        if targets:
+            own = []
+            for slot, position in zip(targets, positions):
+                frame = self._reserve(slot)
+                self._frames[slot].append((frame, position))
+                own.append(frame)
+        else:
+            own = self._scratch(visible, len(positions))
+        view = None
+        if own is not None:
+            frames = sorted(visible + own)
+            if frames[-1] - frames[0] + 1 == len(frames):
+                view = (frames[0] * self.frame_tokens, (frames[-1] + 1) * self.frame_tokens)
+            runs = [(frame * self.frame_tokens, index * self.frame_tokens, self.frame_tokens)
+                    for index, frame in enumerate(own)]
+        else:
+            runs = []
+        return KVPlan(self, tuple(read_ranges), tuple(_merge_write_runs(runs)), bool(targets), view)
+
+    def _scratch(self, visible: list[int], count: int) -> list[int] | None:
+        """`count` free buffer frames that make `visible` one contiguous run (a read-only pass writes its K/V there
+        and attends over one view), or None. Free frames hold nothing that is read again: evicted or unused."""
+        used = {frame for frames in self._frames.values() for frame, _ in frames}
+        total = self.policy.window
+        if visible:
+            gaps = [f for f in range(visible[0], visible[-1] + 1) if f not in visible]
+            if gaps:
+                candidates = [gaps]
+            else:
+                candidates = [list(range(visible[-1] + 1, visible[-1] + 1 + count)),
+                              list(range(visible[0] - count, visible[0]))]
+        else:
+            candidates = [list(range(start, start + count)) for start in range(total - count + 1)]
+        for frames in candidates:
+            if len(frames) == count and all(0 <= f < total and f not in used for f in frames):
+                return frames
+        return None
 
     def _reserve(self, slot: KVSlot) -> int:
         start = self._start[slot]

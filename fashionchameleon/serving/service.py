@@ -40,7 +40,7 @@ class StreamService:
         self.chunk_root = self.root / "chunks"
         folders = ChunkFolders(self.chunk_root)
         self.sessions = SessionRegistry(self.mailbox, folders)
-        self._threads: set[threading.Thread] = set()  # engine threads in this process
+        self._threads: set[threading.Thread] = set()  # engine and encoder threads in this process
         self._producer = Producer(engine, self.mailbox, folders, self._threads, fps=self.fps, pacing=pacing)
 
     @classmethod

@@ -145,7 +145,8 @@ class ForcingConfig(TrainConfig):
 
     stage: ClassVar[str] = "forcing"
     max_steps: int = 4000  # authors' config: 7000
-    attention: str = "mask"  # "mask": exact boolean mask (any device); "flex": FlexAttention BlockMask (GPU)
+    attention: str = "mask"  # "mask": exact boolean mask (any device, O(L^2) memory); "flex": compiled FlexAttention
+    # over a BlockMask (GPU: torch has no flex backward on CPU)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=(0.0, 0.999), grad_clip=10.0))
 
 

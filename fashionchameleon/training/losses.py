@@ -16,8 +16,12 @@ from torch import nn
 
 from .. import media
 from ..errors import UserInputError
-from ..models.causal_wan import (CausalWanTransformer3DModel, in_context_velocity, teacher_forcing_block_mask,
-                                 teacher_forcing_mask)
+from ..models.causal_wan import (
+    CausalWanTransformer3DModel,
+    in_context_velocity,
+    teacher_forcing_block_mask,
+    teacher_forcing_mask,
+)
 from ..models.convert import load_transformer_weights
 from ..pipeline import FashionChameleonPipeline
 from ..presets import get_preset
@@ -138,12 +142,7 @@ class TeacherForcingLoss(StageLoss):
     def __init__(self, config: ForcingConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         self._masks: dict[tuple[int, int], object] = {}
-        if config.attention == "flex":
-            from diffusers.models.attention_dispatch import AttentionBackendName
-
-            for block in self.generator_module.blocks:  # self-attention only; the text attention has no mask
-                block.attn1.processor._attention_backend = AttentionBackendName.FLEX
-        elif config.attention != "mask":
+        if config.attention not in ("mask", "flex"):
             raise UserInputError(f"attention must be 'mask' or 'flex', got {config.attention!r}")
 
     def attention_mask(self, condition_frames: int, video_frames: int, frame_tokens: int):
