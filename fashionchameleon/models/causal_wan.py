@@ -288,8 +288,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """
         batch = timestep.shape[0]
         per_sample = timestep.ndim == 1
-        if per_sample:
-            timestep = timestep[:, None]
+        if per_sample:  # embedded as F equal rows, then one kept: the matmuls see the shapes of the per-frame path
+            timestep = timestep[:, None].expand(batch, num_frames)
         elif timestep.shape[1] not in (num_frames, num_frames * frame_tokens):
             raise ValueError(f"timestep has {timestep.shape[1]} entries per sample; expected 1, {num_frames} or "
                              f"{num_frames * frame_tokens}")
