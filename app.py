@@ -10,6 +10,7 @@ Environment:
   FASHIONCHAMELEON_PACING      playback speed output is paced to (1 = real time, 0 = no pacing)
   FASHIONCHAMELEON_STREAMS     streams generated at once (default: the preset's; model calls interleave by chunk)
   GRADIO_SERVER_NAME / GRADIO_SERVER_PORT   where to listen (default 127.0.0.1:7860)
+A bad value stops the app before the model loads: one line on stderr and exit code 2, as in the CLI.
 
 API (gradio_client; one Client is one session):
   /generate(reference, garment, prompt, chunks, seed) -> streamed (video, chunk mp4, status)
@@ -20,6 +21,8 @@ import spaces  # noqa: I001 - first: on ZeroGPU it patches torch before anything
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -27,6 +30,7 @@ import gradio as gr
 from fashionchameleon.errors import UserInputError
 from fashionchameleon.presets import CHECKPOINT_ENV, DEFAULT_PRESET
 from fashionchameleon.serving import IDLE, StreamService
+from fashionchameleon.serving.checks import env_number
 
 PRESET_ENV = "FASHIONCHAMELEON_PRESET"
 PACING_ENV = "FASHIONCHAMELEON_PACING"
@@ -61,12 +65,20 @@ STATUS_LINE_JS = """
 """
 LAUNCH_OPTIONS = dict(max_file_size=MAX_UPLOAD, theme=gr.themes.Soft(), css=CSS)
 
+logger = logging.getLogger(__name__)
+
 
 def uploaded(image: dict | None) -> str | None:
     """The file behind an image input of an event with `preprocess=False`: Gradio has moved it into its cache and
     checked where it came from, but not opened it, so `fashionchameleon.media` judges it (gr.Image's own
     preprocessing opens and converts the file, turning corrupt files and bombs into a generic error)."""
     return image["path"] if image else None
+
+
+def refuse(error: UserInputError) -> gr.Error:
+    """The page shows the sentence; the log gets one line for it, not Gradio's traceback."""
+    logger.info("refused: %s", error)
+    return gr.Error(str(error), print_exception=False)
 
 
 def garment_name(path: Path) -> str:
@@ -97,7 +109,7 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
             notes = service.check_image(reference, "reference photo") + service.check_image(garment, "garment photo")
             prompt, chunks, seed = service.check_request(prompt, chunks, seed)
         except UserInputError as error:
-            raise gr.Error(str(error)) from None
+            raise refuse(error) from None
         for note in notes:
             gr.Info(note)
         try:
@@ -108,17 +120,17 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
                                "the garment photo decides what is worn.")
                 yield segment, segment, status
         except UserInputError as error:
-            raise gr.Error(str(error)) from None
+            raise refuse(error) from None
 
     def switch_garment(garment: dict, request: gr.Request) -> dict:
         """Switch the running stream to this garment at its next chunk."""
-        garment = uploaded(garment)
         try:
-            for note in service.check_image(garment, "new garment photo"):
-                gr.Info(note)
-            return service.switch(request.session_hash, garment)
+            status, notes = service.switch(request.session_hash, uploaded(garment))
         except UserInputError as error:
-            raise gr.Error(str(error)) from None
+            raise refuse(error) from None
+        for note in notes:
+            gr.Info(note)
+        return status
 
     def stop(request: gr.Request) -> dict:
         """End the running stream at its next chunk."""
@@ -133,6 +145,10 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
     example_reference, garments = service.preset.example_inputs()
 
     def pick_garment(event: gr.SelectData) -> str:
+        """The wardrobe garment clicked. Private in the API, yet callable over HTTP with any index."""
+        if type(event.index) is not int or not 0 <= event.index < len(garments):
+            raise refuse(UserInputError(f"Pick one of the {len(garments)} wardrobe garments: an index from 0 to "
+                                        f"{len(garments) - 1}, got {event.index!r}."))
         return str(garments[event.index])
 
     with gr.Blocks(title="FashionChameleon", delete_cache=CACHE_SWEEP) as demo:
@@ -182,16 +198,33 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
     return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=None)
 
 
+def remove_files_on_sigterm(service: StreamService) -> None:
+    """SIGTERM (a Space restarting, `docker stop`) ends the process without running `finally` blocks: delete the
+    service's files first, then end by the signal as its default action would. Only in this process: ZeroGPU's
+    workers are forked from it and share the folder."""
+    server = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() == server:
+            service.shutdown()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's calls to itself at start-up
     try:
+        streams, pacing = env_number(STREAMS_ENV, int, 1), env_number(PACING_ENV, float, 0)
         service = StreamService.load(os.environ.get(PRESET_ENV, DEFAULT_PRESET), os.environ.get(CHECKPOINT_ENV),
-                                     pacing=float(os.environ.get(PACING_ENV, "1")))
+                                     pacing=1.0 if pacing is None else pacing)
     except UserInputError as error:
-        raise SystemExit(f"error: {error}") from None
-    streams = os.environ.get(STREAMS_ENV)
-    demo = build_demo(service, streams=int(streams) if streams else None)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    remove_files_on_sigterm(service)
+    demo = build_demo(service, streams=streams)
     try:
         demo.launch(**LAUNCH_OPTIONS)
     finally:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import io
+import json
+import math
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -16,7 +21,7 @@ from PIL import Image
 
 from fashionchameleon import media
 from fashionchameleon.errors import UserInputError
-from helpers import GARMENTS, REFERENCE, probe_video
+from helpers import GARMENTS, REFERENCE, ROOT, probe_video
 
 W, H = 64, 96  # small even frame size used for the video tests
 
@@ -98,6 +103,143 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
     out = media.load_image(_png_bytes(im))
     assert out.getpixel((0, 0)) == (255, 255, 255)
     assert out.getpixel((30, 0)) == (128, 128, 128)
+
+
+def _float64_to_l8(im: Image.Image) -> np.ndarray:
+    """How load_image scaled 16-bit, integer and float pixels before it went strip by strip: one float64 pass over the
+    whole image. The values it must keep, and the memory it must not take."""
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    top = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
+    return np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def _wide_images() -> dict[str, Image.Image]:
+    """Every 16-bit value, and integer and float images whose scale is decided by one value in the last rows."""
+    rng = np.random.default_rng(0)
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    low = (np.arange(256 * 40, dtype=np.int32).reshape(256, 40) % 300) - 20  # -20..279: over 255 in every row
+    low = np.clip(low, -20, 255)
+    low_then_high = low.copy()
+    low_then_high[-1, -1] = 300  # one value over 255 in the last strip: the whole image is scaled from 0-65535
+    unit = rng.random((256, 40), dtype=np.float32)
+    unit[:, 0] = np.arange(256) / 510  # exact halves of a level: ties round to even
+    unit_then_big = unit.copy()
+    unit_then_big[-1, -1] = 1.5  # one value over 1: the whole image is taken as 0-255
+    return {
+        "I;16": Image.fromarray(every),
+        "I;16B": Image.frombytes("I;16B", (256, 256), every.astype(">u2").tobytes()),
+        "I 0-255": Image.fromarray(low),
+        "I one high": Image.fromarray(low_then_high),
+        "I every 16-bit": Image.fromarray(every.astype(np.int32)),
+        "I wide": Image.fromarray(rng.integers(-100_000, 100_000, (256, 40), dtype=np.int32)),
+        "F 0-1": Image.fromarray(unit),
+        "F one high": Image.fromarray(unit_then_big),
+        "F wide": Image.fromarray(rng.uniform(-10, 300, (256, 40)).astype(np.float32)),
+    }
+
+
+def test_16_bit_integer_and_float_pixels_keep_their_values_strip_by_strip(monkeypatch):
+    images = _wide_images()
+    assert {im.mode for im in images.values()} == {"I;16", "I;16B", "I", "F"}
+    monkeypatch.setattr(media, "SCALE_STRIP_PIXELS", 4 * 256)  # strips of 4 rows (16 of the 40-wide images')
+    for name, im in images.items():
+        rgb = np.asarray(media.load_image(im))
+        expected = _float64_to_l8(im)
+        assert np.array_equal(rgb, np.repeat(expected[..., None], 3, axis=2)), name
+    # The cases that test the whole-image scale: a strip alone would have been scaled otherwise.
+    assert np.asarray(images["I one high"])[:-1].max() <= 255 and np.asarray(images["F one high"])[:-1].max() <= 1
+
+
+#: A 16-bit greyscale PNG just under the pixel limit: the issue's case (a 77 KB file that cost ~0.9 GB to convert).
+NEAR_LIMIT_SIDE = math.isqrt(media.MAX_IMAGE_PIXELS)
+#: Peak memory growth allowed per pixel of it: load_image holds the 16-bit pixels (2 bytes), their 8-bit version (1)
+#: and the RGB result (4: PIL pads RGB); measured 6.9 bytes, against 25 for one float64 pass. probe_image holds only the
+#: 16-bit pixels: measured 1.9 bytes.
+LOAD_BYTES_PER_PIXEL, PROBE_BYTES_PER_PIXEL = 8, 3
+MEMORY_PROBE = """
+import json, sys
+import numpy as np
+from PIL import Image
+from fashionchameleon import media
+
+FLOAT64_TO_L8
+
+
+def float64(path):  # load_image before it went strip by strip: the negative control
+    with Image.open(path) as im:
+        return Image.fromarray(_float64_to_l8(im)).convert("RGB")
+
+
+def peak_kb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+
+decode = {"load": media.load_image, "probe": media.probe_image, "float64": float64}[sys.argv[2]]
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := the current resident size
+before = peak_kb()
+decode(sys.argv[1])
+print(json.dumps((peak_kb() - before) * 1024))
+"""
+
+
+@pytest.fixture(scope="module")
+def near_limit_png(tmp_path_factory) -> Path:
+    side = NEAR_LIMIT_SIDE
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // (side - 1)).astype(np.uint16)
+    path = tmp_path_factory.mktemp("near-limit") / "ramp16.png"
+    Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(path)  # I;16, ~90 KB
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak memory")
+def test_near_limit_16_bit_png_decodes_within_a_memory_bound(near_limit_png):
+    """Peak resident memory of decoding in a fresh process (VmHWM, reset through clear_refs)."""
+    def growth(mode: str) -> float:
+        script = MEMORY_PROBE.replace("FLOAT64_TO_L8", inspect.getsource(_float64_to_l8))  # not importing this module
+        out = subprocess.run([sys.executable, "-c", script, str(near_limit_png), mode], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    pixels = NEAR_LIMIT_SIDE**2
+    assert media.MAX_IMAGE_PIXELS - pixels < 20_000 and near_limit_png.stat().st_size < 200_000
+    assert growth("load") < LOAD_BYTES_PER_PIXEL * pixels
+    assert growth("probe") < PROBE_BYTES_PER_PIXEL * pixels
+    assert growth("float64") > 3 * LOAD_BYTES_PER_PIXEL * pixels  # negative control: the conversion as it was
+
+
+def test_probe_refuses_what_load_refuses_and_keeps_no_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    cases = {
+        "jpeg": jpeg,
+        "truncated jpeg": jpeg[: len(jpeg) * 2 // 3],
+        "cut in the header": jpeg[:300],
+        "text": b"not an image",
+        "bomb": _png_header_only(10000, 10000),
+        "16-bit": _png_bytes(Image.fromarray(np.full((40, 40), 4000, np.uint16))),
+        "rgba": _png_bytes(Image.new("RGBA", (40, 40), (1, 2, 3, 4))),
+    }
+
+    def outcome(function, data):
+        try:
+            return function(data)
+        except UserInputError as error:
+            return str(error)
+
+    for name, data in cases.items():
+        loaded, probed = outcome(media.load_image, data), outcome(media.probe_image, data)
+        assert isinstance(loaded, str) == isinstance(probed, str), name
+        if isinstance(loaded, str):
+            assert loaded == probed, name
+    assert outcome(media.probe_image, cases["16-bit"]) == ("I;16", False)
+    assert outcome(media.probe_image, cases["rgba"]) == ("RGBA", True)
+    assert isinstance(outcome(media.probe_image, cases["truncated jpeg"]), str)  # decoded to the last byte
 
 
 def test_exif_orientation_is_applied():
@@ -269,7 +411,7 @@ def test_frame_to_tensor_on_the_device_equals_the_image_path(device):
 
 def _decode_rgb(path: Path) -> np.ndarray:
     with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        return np.stack([f.to_ndarray(format="rgb24", threads=1) for f in c.decode(video=0)])  # fork-safe on av 19
 
 
 def test_video_writer_incremental(tmp_path):

@@ -10,14 +10,17 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from fashionchameleon import media
 from fashionchameleon.engine import Stream
+from fashionchameleon.errors import UserInputError
 from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STOP, STOPPED, STREAMING, SWITCH, ChunkReady, Mailbox, Message
 from fashionchameleon.serving import Pacer, StreamService
+from fashionchameleon.serving import checks
 from fashionchameleon.serving.producer import Producer
 from helpers import GARMENTS, REFERENCE, probe_video
 
@@ -81,6 +84,86 @@ def test_pacer_speed_scales_and_zero_disables():
     assert off.delay() == 0.0
 
 
+# -- checks ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunks, seed", [("abc", 0), (1, "x"), (None, 0), (1.5, 0), (True, 0), (float("nan"), 0),
+                                          (float("inf"), 0), ([2], 0), (1, -1), (1, 2**32), (0, 0), (1, {"a": 1})])
+def test_request_values_of_any_type_are_refused_with_a_sentence(chunks, seed):
+    with pytest.raises(UserInputError, match="Length must be a whole number|Seed must be a whole number"):
+        checks.check_request("", chunks, seed, max_chars=10, max_chunks=4)
+
+
+def test_request_values_that_are_whole_numbers_are_taken():
+    assert checks.check_request(None, 4.0, checks.MAX_SEED, max_chars=10, max_chunks=4) == ("", 4, checks.MAX_SEED)
+    with pytest.raises(UserInputError, match="prompt must be text"):
+        checks.check_request(123, 1, 0, max_chars=10, max_chunks=4)
+
+
+class HeldDecodes:
+    """Stands in for the decoder: counts the decodes in progress and holds each until `release` is set."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = self.most = 0
+        self.lock, self.release = threading.Lock(), threading.Event()
+        monkeypatch.setattr(media, "probe_image", self)
+
+    def __call__(self, path, name):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        self.release.wait(PATIENCE)
+        with self.lock:
+            self.now -= 1
+        return "RGB", False
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def decode_concurrently(check_image, decodes: HeldDecodes, calls: int, at_once: int) -> list:
+    """`calls` checks from as many threads; once `at_once` decode together, let them all finish."""
+    with ThreadPoolExecutor(calls) as pool:
+        futures = [pool.submit(check_image, GARMENT, "garment photo") for _ in range(calls)]
+        wait_until(lambda: decodes.now == at_once, f"{at_once} decodes at once")
+        decodes.release.set()
+        return [future.result(PATIENCE) for future in futures]
+
+
+def test_image_checks_of_all_sessions_decode_at_most_max_decodes_at_once(service, monkeypatch):
+    calls = 4 * checks.MAX_DECODES
+    decodes = HeldDecodes(monkeypatch)
+    assert decode_concurrently(service.check_image, decodes, calls, checks.MAX_DECODES) == [[]] * calls
+    assert decodes.most == checks.MAX_DECODES
+    # Negative control: with as many slots as calls, every call decodes at once.
+    unlimited = HeldDecodes(monkeypatch)
+    decode_concurrently(checks.DecodeSlots(slots=calls).check_image, unlimited, calls, calls)
+    assert unlimited.most == calls
+
+
+def test_an_image_check_that_finds_no_free_slot_in_time_is_refused(monkeypatch):
+    decodes = HeldDecodes(monkeypatch)
+    slots = checks.DecodeSlots(slots=1, wait=0)
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(slots.check_image, GARMENT, "garment photo")
+        wait_until(lambda: decodes.now == 1, "the first decode")
+        with pytest.raises(UserInputError, match="busy"):
+            slots.check_image(GARMENT, "garment photo")
+        decodes.release.set()
+        assert holder.result(PATIENCE) == []
+    assert slots.check_image(GARMENT, "garment photo") == []  # the slot came back
+
+
+def test_a_switch_without_a_stream_decodes_nothing(service, monkeypatch):
+    decodes = HeldDecodes(monkeypatch)
+    decodes.release.set()
+    with pytest.raises(UserInputError, match="No stream is running"):
+        service.switch("no-stream-session", GARMENT)
+    assert decodes.most == 0
+
+
 # -- the producer in a forked worker -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
@@ -138,7 +221,7 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
             time.sleep(0.01)
 
     wait_for(lambda: len(seen) >= 2, "two chunks")
-    switched_after = service.switch(session, NEXT_GARMENT)["chunk"]
+    switched_after = service.switch(session, NEXT_GARMENT)[0]["chunk"]
     wait_for(lambda: seen[-1]["garment_version"] == 1, "the switch")
     first_new = next(s["chunk"] for s in seen if s["garment_version"] == 1)
     # Chunks made after the last one handed over (the queue, plus one) and the one being made when the switch

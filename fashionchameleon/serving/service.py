@@ -40,6 +40,7 @@ class StreamService:
         self.chunk_root = self.root / "chunks"
         folders = ChunkFolders(self.chunk_root)
         self.sessions = SessionRegistry(self.mailbox, folders)
+        self._decodes = checks.DecodeSlots()  # image checks of all sessions share these
         self._threads: set[threading.Thread] = set()  # engine and encoder threads in this process
         self._producer = Producer(engine, self.mailbox, folders, self._threads, fps=self.fps, pacing=pacing)
 
@@ -73,9 +74,11 @@ class StreamService:
         return budget.gpu_seconds(chunks, self.chunk_seconds)
 
     # -- input checks (main plane, before any GPU time is spent) ---------------------------------------------------
-    check_image = staticmethod(checks.check_image)
+    def check_image(self, path: str | None, what: str) -> list[str]:
+        """`checks.check_image`, at most `checks.MAX_DECODES` at once across all sessions."""
+        return self._decodes.check_image(path, what)
 
-    def check_request(self, prompt: str | None, chunks: float | None, seed: float | None) -> tuple[str, int, int]:
+    def check_request(self, prompt: Any, chunks: Any, seed: Any) -> tuple[str, int, int]:
         """(prompt, chunks, seed) within this model's limits, as `stream` takes them."""
         return checks.check_request(prompt, chunks, seed, max_chars=self.max_prompt_chars, max_chunks=self.max_chunks)
 
@@ -103,10 +106,14 @@ class StreamService:
         items = (producer or self.produce)(stream_id, reference, garment, prompt, seed, chunks)
         producer_ended = False
         previous: str | None = None
+        garment_version: int | None = None
         try:
             for ready in items:
                 if previous is not None:
                     Path(previous).unlink(missing_ok=True)
+                if ready.garment_version != garment_version:  # first chunk or new garment: its photos are freed by now
+                    garment_version = ready.garment_version
+                    checks.give_back_memory()
                 status = self._status(ready, chunks)
                 self.sessions.set_status(session, stream_id, status)
                 yield ready.path, status
@@ -120,27 +127,31 @@ class StreamService:
             items.close()
             self.sessions.finish(session, stream_id, producer_ended)
 
-    def switch(self, session: str, garment: str) -> dict:
-        """Ask the session's stream to switch to `garment` at its next chunk; returns the status."""
-        current = self.sessions.get(session)
-        if current is None:
+    def switch(self, session: str, garment: str | None) -> tuple[dict, list[str]]:
+        """Ask the session's stream to switch to `garment` (an upload) at its next chunk; returns the status and the
+        notes of `check_image`. A session that runs no stream is refused before the photo is decoded."""
+        if self.sessions.get(session) is None:
             raise UserInputError("No stream is running in this session; press Generate first.")
-        try:
-            self.mailbox.post(current.stream_id, Message(SWITCH, garment=garment))
-        except FileNotFoundError:
-            raise UserInputError("The stream has just ended; press Generate to start a new one.") from None
-        return {**current.status, "state": SWITCHING}
+        notes = self.check_image(garment, "new garment photo")
+        current = self.sessions.get(session)  # again: the stream may have ended while the photo was checked
+        if current is None or not self._post(current.stream_id, Message(SWITCH, garment=garment)):
+            raise UserInputError("The stream has just ended; press Generate to start a new one.")
+        return {**current.status, "state": SWITCHING}, notes
 
     def stop(self, session: str) -> dict:
         """Ask the session's stream to end at its next chunk boundary; the status says IDLE if none runs."""
         current = self.sessions.get(session)
-        if current is None:
-            return {"state": IDLE}
-        try:
-            self.mailbox.post(current.stream_id, Message(STOP))
-        except FileNotFoundError:
+        if current is None or not self._post(current.stream_id, Message(STOP)):
             return {"state": IDLE}
         return {**current.status, "state": STOPPING}
+
+    def _post(self, stream_id: str, message: Message) -> bool:
+        """Post to the stream's mailbox; False if the stream has ended (its box is gone)."""
+        try:
+            self.mailbox.post(stream_id, message)
+        except FileNotFoundError:
+            return False
+        return True
 
     def close_session(self, session: str) -> None:
         """The browser left (Gradio's unload): stop its stream. The stream's own handler deletes its files."""
