@@ -13,7 +13,8 @@ Environment:
 A bad value stops the app before the model loads: one line on stderr and exit code 2, as in the CLI.
 
 API (gradio_client; one Client is one session):
-  /generate(reference, garment, prompt, chunks, seed) -> streamed (video, chunk mp4, status)
+  /generate(reference, garment, prompt, chunks, seed) -> streamed (video, chunk mp4, status): a "starting" status
+      alone first, then one per chunk, then a "stopped" status alone if a stop ended the stream between chunks
   /switch_garment(garment) -> status      /stop() -> status
 """
 
@@ -29,14 +30,17 @@ import gradio as gr
 
 from fashionchameleon.errors import UserInputError
 from fashionchameleon.presets import CHECKPOINT_ENV, DEFAULT_PRESET
-from fashionchameleon.serving import IDLE, StreamService
+from fashionchameleon.serving import IDLE, STARTING, StreamService
 from fashionchameleon.serving.checks import env_number
 
 PRESET_ENV = "FASHIONCHAMELEON_PRESET"
 PACING_ENV = "FASHIONCHAMELEON_PACING"
 STREAMS_ENV = "FASHIONCHAMELEON_STREAMS"
-#: Requests allowed to wait for a free stream; ZeroGPU silently makes an unset queue size 1.
+#: Generate requests allowed to wait for a free stream; ZeroGPU silently makes an unset queue size 1.
 QUEUE_SIZE = 16
+#: Places the queue keeps beyond the waiting Generates for stop and switch: Gradio refuses every call once its queue is
+#: full, and gradio_client sends every call through the queue, `queue=False` ones included.
+CONTROL_ROOM = 16
 #: Photos larger than this are refused at upload (decompression bombs are caught later, by pixel count).
 MAX_UPLOAD = "20mb"
 #: Pixel heights that keep the page on one phone screen per column.
@@ -112,15 +116,32 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
             raise refuse(error) from None
         for note in notes:
             gr.Info(note)
+        # Yield before the stream starts: Gradio can close a generator only once it has yielded, and a cancel that
+        # comes while the first value is made would leave the stream open, unread and never closed.
+        yield gr.skip(), gr.skip(), {"state": STARTING}
         try:
             for segment, status in service.stream(request.session_hash, reference, garment, prompt, chunks, seed,
                                                   producer=gpu_produce):
+                if segment is None:  # the stream's end, told after its last segment
+                    yield gr.skip(), gr.skip(), status
+                    continue
                 if status["chunk"] == 0 and status["removed_words"]:
                     gr.Warning(f"Garment words were removed from the prompt ({', '.join(status['removed_words'])}): "
                                "the garment photo decides what is worn.")
                 yield segment, segment, status
         except UserInputError as error:
             raise refuse(error) from None
+
+    def admit(*inputs: object) -> list[dict]:
+        """Gradio's validator, run before a Generate joins the queue: refused while QUEUE_SIZE Generates wait, so
+        that the queue's last CONTROL_ROOM places stay free for stop and switch. (`len` of the queue counts the
+        calls waiting in it; stop and switch never wait, having no concurrency limit.)"""
+        verdicts = [gr.validate(True, "")] * len(inputs)  # the inputs themselves are judged by `generate`
+        if len(demo._queue) >= QUEUE_SIZE:
+            message = f"{QUEUE_SIZE} visitors are waiting for a stream already; try again in a minute."
+            logger.info("refused: %s", message)
+            verdicts[0] = gr.validate(False, message)
+        return verdicts
 
     def switch_garment(garment: dict, request: gr.Request) -> dict:
         """Switch the running stream to this garment at its next chunk."""
@@ -186,7 +207,7 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
 
         generate_button.click(generate, [reference, garment, prompt, chunks, seed], [video, chunk_file, status],
                               api_name="generate", concurrency_id="gpu", concurrency_limit=streams,
-                              preprocess=False, show_progress="minimal")
+                              validator=admit, preprocess=False, show_progress="minimal")
         switch_button.click(switch_garment, [next_garment], [status], api_name="switch_garment",
                             concurrency_id="control", concurrency_limit=None, preprocess=False, show_progress="hidden")
         stop_button.click(stop, None, [status], api_name="stop", concurrency_id="control", concurrency_limit=None,
@@ -195,7 +216,7 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
                         show_progress="hidden")
         status.change(None, [status], [status_line], js=STATUS_LINE_JS, api_visibility="private")
         demo.unload(close_session)
-    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=None)
+    return demo.queue(max_size=QUEUE_SIZE + CONTROL_ROOM, default_concurrency_limit=None)
 
 
 def remove_files_on_sigterm(service: StreamService) -> None:

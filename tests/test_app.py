@@ -12,22 +12,34 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gradio.routes
 import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 from helpers import GARMENTS, REFERENCE, ROOT, probe_video
 from PIL import Image
 
 import app
 from fashionchameleon.errors import UserInputError
-from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STREAMING, SWITCHING, StreamService
+from fashionchameleon.serving import (
+    DONE,
+    QUEUE_CHUNKS,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    STREAMING,
+    SWITCHING,
+    StreamService,
+)
 from fashionchameleon.serving.checks import env_number
 
 GARMENT, NEXT_GARMENT = GARMENTS[:2]
@@ -81,12 +93,13 @@ def generate(client: Client, garment: str | None = GARMENT, chunks: int = 3, *, 
 
 
 def statuses(job) -> list[dict]:
-    return [status for _, _, status in job.outputs()]
+    """The statuses after the first, which only says the stream is starting."""
+    return [status for _, _, status in job.outputs()[1:]]
 
 
 def wait_for_chunk(job, index: int) -> None:
     deadline = time.monotonic() + PATIENCE
-    while len(job.outputs()) <= index:
+    while len(statuses(job)) <= index:
         assert not job.done(), f"stream ended early: {statuses(job)}"
         assert time.monotonic() < deadline, "timed out waiting for a chunk"
         time.sleep(0.01)
@@ -114,7 +127,8 @@ def test_stream_yields_requested_chunks_as_h264(connect, server):
     chunks = 3
     outputs = generate(connect(files=True), chunks=chunks)
     outputs.result(timeout=PATIENCE)
-    outputs = outputs.outputs()
+    starting, *outputs = outputs.outputs()
+    assert starting[2] == {"state": STARTING}
     assert len(outputs) == chunks
     config = service.preset.stream
     for i, (_, chunk_file, status) in enumerate(outputs):
@@ -151,6 +165,57 @@ def test_stop_ends_stream_within_one_chunk(connect):
     last = statuses(job)[-1]["chunk"]
     assert last <= reply["chunk"] + CHUNKS_AHEAD  # chunks already made and the one in flight, then nothing
     assert client.predict(api_name="/stop") == {"state": "idle"}  # nothing left to stop
+
+
+def test_the_last_status_after_a_stop_or_a_new_generate_says_stopped(connect):
+    """Paced, the producer is ahead of playback and mostly waits for its turn, so a stop usually lands between
+    chunks rather than on one; the viewer must still hear that the stream stopped."""
+    client = connect()
+    job = generate(client, chunks=MID_STREAM * 4)
+    wait_for_chunk(job, 1)
+    client.predict(api_name="/stop")
+    job.result(timeout=PATIENCE)
+    assert statuses(job)[-1]["state"] == STOPPED
+    replaced = generate(client, chunks=MID_STREAM * 4)
+    wait_for_chunk(replaced, 1)
+    replacing = generate(client, chunks=1)  # the same session's new Generate stops the running stream
+    replaced.result(timeout=PATIENCE)
+    replacing.result(timeout=PATIENCE)
+    assert statuses(replaced)[-1]["state"] == STOPPED
+    assert [s["state"] for s in statuses(replacing)] == [DONE]
+
+
+def test_stop_and_switch_take_effect_while_the_queue_is_full(server, monkeypatch):
+    """Gradio refuses every call, controls included, once its queue is full, so Generates alone must not fill it."""
+    _, service = server
+    monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # a full queue with few clients
+    streams = service.preset.serving.streams
+    demo = app.build_demo(service)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            **app.LAUNCH_OPTIONS)
+    clients = [Client(url, verbose=False, download_files=False) for _ in range(streams + app.QUEUE_SIZE + 1)]
+    try:
+        streaming = [generate(client, chunks=MID_STREAM * 4) for client in clients[:streams]]
+        for job in streaming:
+            wait_for_chunk(job, 0)
+        waiting = [generate(client, chunks=1) for client in clients[streams:-1]]
+        wait_until(lambda: all(job.status().code == Status.IN_QUEUE for job in waiting), "the queue to fill")
+        with pytest.raises(ValueError, match=f"{app.QUEUE_SIZE} visitors are waiting"):
+            generate(clients[-1]).result(timeout=PATIENCE)
+        viewer, job = clients[0], streaming[0]
+        assert viewer.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")["state"] == SWITCHING
+        wait_until(lambda: statuses(job)[-1]["garment_version"] == 1, "the switch to land")
+        assert viewer.predict(api_name="/stop")["state"] == STOPPING
+        job.result(timeout=PATIENCE)
+        assert statuses(job)[-1]["state"] == STOPPED
+        clients[1].predict(api_name="/stop")
+        for job in waiting:  # they ran once the streams ended
+            job.result(timeout=PATIENCE)
+            assert [s["state"] for s in statuses(job)] == [DONE]
+    finally:
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(Client.close, clients))
+        demo.close()
 
 
 def test_two_clients_never_see_each_others_switches(connect):
@@ -303,7 +368,7 @@ def test_bad_inputs_get_messages_while_another_stream_carries_on(connect, server
     assert not bystander.done(), "the bystander's stream ended while the bad inputs were sent"
     bystander_client.predict(api_name="/stop")
     bystander.result(timeout=PATIENCE)
-    seen = statuses(bystander)
+    seen = statuses(bystander)[:-1]  # the last says stopped (its chunk, or the one before it again)
     assert [s["chunk"] for s in seen] == list(range(len(seen))) and len(seen) > MID_STREAM
 
 
@@ -329,6 +394,33 @@ def test_cancel_and_disconnect_clean_up_without_stalling_others(connect, server,
     wait_until(lambda: len(service.sessions) == 0, "all streams to end")
     wait_until(lambda: not os.listdir(service.chunk_root), "chunk folders to be deleted")
     assert os.listdir(service.mailbox.root) == []
+
+
+def test_a_stream_cancelled_before_its_first_chunk_ends_and_frees_the_model(connect, server, monkeypatch):
+    """Gradio closes a cancelled generator only if it has yielded: one cancelled while it made its first value was
+    left open and unread, its producer waiting to hand over a chunk for good."""
+    _, service = server
+    arrived = threading.Event()
+    original_cancel = gradio.routes.cancel_tasks
+
+    async def cancel_tasks(task_ids):
+        arrived.set()
+        return await original_cancel(task_ids)
+
+    monkeypatch.setattr(gradio.routes, "cancel_tasks", cancel_tasks)
+    client = connect()
+    with service._producer._model_lock:  # the stream cannot make its first chunk until the cancel has come
+        job = generate(client, chunks=MID_STREAM * 4)
+        wait_until(lambda: service.sessions.get(client.session_hash) is not None, "the stream to open")
+        canceller = threading.Thread(target=job.cancel)  # /cancel answers once the generator is closed
+        canceller.start()
+        assert arrived.wait(PATIENCE)
+    canceller.join(PATIENCE)
+    wait_until(lambda: service.sessions.get(client.session_hash) is None, "the cancelled stream to end")
+    wait_until(lambda: not service._threads, "its engine and encoder threads to end")
+    later = generate(connect(), chunks=1)  # the next visitor's stream runs
+    later.result(timeout=PATIENCE)
+    assert [s["state"] for s in statuses(later)] == [DONE]
 
 
 #: An app server with near-limit uploads: its resident memory when idle, after a round of them, and after a round with

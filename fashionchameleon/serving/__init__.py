@@ -28,9 +28,9 @@ from .mailbox import STOP, SWITCH, Mailbox, Message
 from .pacing import Pacer
 from .producer import QUEUE_CHUNKS, ChunkReady
 from .service import StreamService
-from .states import DONE, IDLE, STOPPED, STOPPING, STREAMING, SWITCHING
+from .states import DONE, IDLE, STARTING, STOPPED, STOPPING, STREAMING, SWITCHING
 
 __all__ = [
-    "DONE", "IDLE", "QUEUE_CHUNKS", "STOP", "STOPPED", "STOPPING", "STREAMING", "SWITCH", "SWITCHING",
+    "DONE", "IDLE", "QUEUE_CHUNKS", "STARTING", "STOP", "STOPPED", "STOPPING", "STREAMING", "SWITCH", "SWITCHING",
     "ChunkReady", "Mailbox", "Message", "Pacer", "StreamService",
 ]

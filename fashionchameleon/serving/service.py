@@ -17,7 +17,7 @@ from . import budget, checks
 from .mailbox import STOP, SWITCH, Mailbox, Message
 from .producer import ChunkReady, Producer
 from .sessions import ChunkFolders, SessionRegistry
-from .states import IDLE, STOPPING, SWITCHING
+from .states import DONE, IDLE, STOPPED, STOPPING, SWITCHING
 
 #: How long shutdown waits for an engine thread to finish its chunk.
 SHUTDOWN_SECONDS = 10.0
@@ -92,8 +92,9 @@ class StreamService:
         chunks: int,
         seed: int,
         producer: Callable[..., Iterator[ChunkReady]] | None = None,
-    ) -> Iterator[tuple[str, dict]]:
-        """Run one stream for `session` and yield (segment path, status) per chunk.
+    ) -> Iterator[tuple[str | None, dict]]:
+        """Run one stream for `session` and yield (segment path, status) per chunk, then (None, status) if it ended
+        by a stop that no chunk carried, so that the last status always says how the stream ended.
 
         `producer` is `produce` as the app wrapped it (`spaces.GPU`); call this inside the Gradio handler so the
         ZeroGPU scheduler sees the user's request. Inputs must have passed `check_image`/`check_request`. A new
@@ -107,6 +108,7 @@ class StreamService:
         producer_ended = False
         previous: str | None = None
         garment_version: int | None = None
+        status: dict = {}
         try:
             for ready in items:
                 if previous is not None:
@@ -119,6 +121,10 @@ class StreamService:
                 yield ready.path, status
                 previous = ready.path
             producer_ended = True
+            if status.get("state") not in (DONE, STOPPED):
+                # Stopped while waiting for its next turn (pacing, or a new stream replaced it): no chunk was being
+                # made to carry the stop, so the viewer hears it from a status without a segment.
+                yield None, {**status, "state": STOPPED}
         except Exception:
             producer_ended = True  # the producer raised, so it has ended
             raise
