@@ -13,9 +13,13 @@ Environment:
 A bad value stops the app before the model loads: one line on stderr and exit code 2, as in the CLI.
 
 API (gradio_client; one Client is one session):
-  /generate(reference, garment, prompt, chunks, seed) -> streamed (video, chunk mp4, status): a "starting" status
+  /generate(reference, garment, prompt, chunks, seed, key) -> streamed (video, chunk mp4, status): a "starting" status
       alone first, then one per chunk, then a "stopped" status alone if a stop ended the stream between chunks
-  /switch_garment(garment) -> status      /stop() -> status
+  /switch_garment(garment, key) -> status      /stop(key) -> status
+`key` is a secret the caller makes (16 to 256 characters, e.g. `secrets.token_hex(16)`) and sends with all three: stop
+and switch act only on the session's stream made with the same key. The session hash cannot serve, as it is in every
+stream URL (`/gradio_api/stream/<session_hash>/...`) and Gradio keeps a session's `gr.State` by it; the page makes its
+key in the browser, so the key never travels from the server.
 """
 
 import spaces  # noqa: I001 - first: on ZeroGPU it patches torch before anything touches CUDA
@@ -45,8 +49,10 @@ CONTROL_ROOM = 16
 MAX_UPLOAD = "20mb"
 #: Pixel heights that keep the page on one phone screen per column.
 PHOTO_HEIGHT, NEXT_GARMENT_HEIGHT, WARDROBE_HEIGHT = 280, 200, 190
-#: Gradio's cache (uploads and per-chunk files) is swept every hour of files older than an hour.
-CACHE_SWEEP = (3600, 3600)
+#: Gradio's cache (uploads and the copies it serves of per-chunk files) is swept every 5 minutes of files older than 15:
+#: long enough for a photo uploaded now to be used for a stream of up to `budget.MAX_GPU_SECONDS` some minutes later.
+#: A session's chunk copies go sooner, when it closes (`StreamService.close_session`); uploads only by this sweep.
+CACHE_SWEEP = (300, 900)
 
 CSS = """
 #video video { max-height: 70vh; }
@@ -66,6 +72,10 @@ STATUS_LINE_JS = """
   }
   return parts.join(" · ");
 }
+"""
+#: Makes the page's stream key: 128 random bits as hex (`crypto.getRandomValues` works on plain http too).
+NEW_KEY_JS = """
+() => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("")
 """
 LAUNCH_OPTIONS = dict(max_file_size=MAX_UPLOAD, theme=gr.themes.Soft(), css=CSS)
 
@@ -106,10 +116,12 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
     streams = streams or serving.streams
     gpu_produce = spaces.GPU(duration=service.gpu_duration)(service.produce)
 
-    def generate(reference: dict, garment: dict, prompt: str, chunks: int, seed: int, request: gr.Request):
+    def generate(reference: dict, garment: dict, prompt: str, chunks: int, seed: int, key: str,
+                 request: gr.Request):
         """Stream a try-on video: per chunk an H.264 segment, the same segment as a file, and a status."""
         reference, garment = uploaded(reference), uploaded(garment)
         try:
+            key = service.check_key(key)
             notes = service.check_image(reference, "reference photo") + service.check_image(garment, "garment photo")
             prompt, chunks, seed = service.check_request(prompt, chunks, seed)
         except UserInputError as error:
@@ -121,7 +133,7 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
         yield gr.skip(), gr.skip(), {"state": STARTING}
         try:
             for segment, status in service.stream(request.session_hash, reference, garment, prompt, chunks, seed,
-                                                  producer=gpu_produce):
+                                                  producer=gpu_produce, key=key):
                 if segment is None:  # the stream's end, told after its last segment
                     yield gr.skip(), gr.skip(), status
                     continue
@@ -143,25 +155,25 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
             verdicts[0] = gr.validate(False, message)
         return verdicts
 
-    def switch_garment(garment: dict, request: gr.Request) -> dict:
+    def switch_garment(garment: dict, key: str, request: gr.Request) -> dict:
         """Switch the running stream to this garment at its next chunk."""
         try:
-            status, notes = service.switch(request.session_hash, uploaded(garment))
+            status, notes = service.switch(request.session_hash, uploaded(garment), key=key)
         except UserInputError as error:
             raise refuse(error) from None
         for note in notes:
             gr.Info(note)
         return status
 
-    def stop(request: gr.Request) -> dict:
+    def stop(key: str, request: gr.Request) -> dict:
         """End the running stream at its next chunk."""
-        status = service.stop(request.session_hash)
+        status = service.stop(request.session_hash, key=key)
         if status["state"] == IDLE:
             gr.Warning("No stream is running.")
         return status
 
     def close_session(request: gr.Request) -> None:
-        service.close_session(request.session_hash)
+        service.close_session(request.session_hash, cache=demo.GRADIO_CACHE)
 
     example_reference, garments = service.preset.example_inputs()
 
@@ -188,6 +200,7 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                key = gr.Textbox(visible=False, elem_id="stream-key")  # set in the browser at load: NEW_KEY_JS
             with gr.Column(min_width=300):
                 video = gr.Video(label="Try-on stream", streaming=True, autoplay=True, interactive=False,
                                  elem_id="video")
@@ -205,12 +218,13 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
         gr.Examples([[str(example_reference), str(g)] for g in garments], [reference, garment],
                     label="Examples (run on the loaded model)")
 
-        generate_button.click(generate, [reference, garment, prompt, chunks, seed], [video, chunk_file, status],
+        demo.load(None, None, [key], js=NEW_KEY_JS, api_visibility="private")
+        generate_button.click(generate, [reference, garment, prompt, chunks, seed, key], [video, chunk_file, status],
                               api_name="generate", concurrency_id="gpu", concurrency_limit=streams,
                               validator=admit, preprocess=False, show_progress="minimal")
-        switch_button.click(switch_garment, [next_garment], [status], api_name="switch_garment",
+        switch_button.click(switch_garment, [next_garment, key], [status], api_name="switch_garment",
                             concurrency_id="control", concurrency_limit=None, preprocess=False, show_progress="hidden")
-        stop_button.click(stop, None, [status], api_name="stop", concurrency_id="control", concurrency_limit=None,
+        stop_button.click(stop, [key], [status], api_name="stop", concurrency_id="control", concurrency_limit=None,
                           show_progress="hidden")
         wardrobe.select(pick_garment, None, [next_garment], queue=False, api_visibility="private",
                         show_progress="hidden")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -47,6 +48,8 @@ GARMENT, NEXT_GARMENT = GARMENTS[:2]
 MID_STREAM = 10
 #: Chunks the producer may have made beyond the last one Gradio took: the queue, plus one being made.
 CHUNKS_AHEAD = QUEUE_CHUNKS + 1
+#: The stream key these tests send with Generate, stop and switch (each client is its own session).
+KEY = secrets.token_hex(16)
 #: Seconds to wait for a server or a stream (generous: CI machines are slow).
 PATIENCE = 60
 #: A cancelled or disconnected stream must be gone this soon (it would otherwise run for 20 s).
@@ -87,9 +90,17 @@ def connect(server, tmp_path):
 
 
 def generate(client: Client, garment: str | None = GARMENT, chunks: int = 3, *, reference: str | None = REFERENCE,
-             prompt: str = "", seed: int = 0):
+             prompt: str = "", seed: int = 0, key: object = KEY):
     return client.submit(handle_file(reference) if reference else None, handle_file(garment) if garment else None,
-                         prompt, chunks, seed, api_name="/generate")
+                         prompt, chunks, seed, key, api_name="/generate")
+
+
+def switch(client: Client, garment: str, key: str = KEY) -> dict:
+    return client.predict(handle_file(garment), key, api_name="/switch_garment")
+
+
+def stop(client: Client, key: str = KEY) -> dict:
+    return client.predict(key, api_name="/stop")
 
 
 def statuses(job) -> list[dict]:
@@ -116,10 +127,10 @@ def test_api_names_and_parameters(connect):
     endpoints = connect().view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(endpoints) == {"/generate", "/switch_garment", "/stop"}
     assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == [
-        "reference", "garment", "prompt", "chunks", "seed"]
+        "reference", "garment", "prompt", "chunks", "seed", "key"]
     assert len(endpoints["/generate"]["returns"]) == 3  # video, chunk mp4, status
-    assert [p["parameter_name"] for p in endpoints["/switch_garment"]["parameters"]] == ["garment"]
-    assert endpoints["/stop"]["parameters"] == []
+    assert [p["parameter_name"] for p in endpoints["/switch_garment"]["parameters"]] == ["garment", "key"]
+    assert [p["parameter_name"] for p in endpoints["/stop"]["parameters"]] == ["key"]
 
 
 def test_stream_yields_requested_chunks_as_h264(connect, server):
@@ -144,7 +155,7 @@ def test_switch_mid_stream_bumps_garment_version_at_next_chunk(connect):
     client = connect()
     job = generate(client, chunks=MID_STREAM)
     wait_for_chunk(job, 2)
-    reply = client.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+    reply = switch(client, NEXT_GARMENT)
     assert reply["state"] == SWITCHING and reply["garment_version"] == 0
     job.result(timeout=PATIENCE)
     versions = [s["garment_version"] for s in statuses(job)]
@@ -160,11 +171,11 @@ def test_stop_ends_stream_within_one_chunk(connect):
     client = connect()
     job = generate(client, chunks=MID_STREAM * 4)
     wait_for_chunk(job, 1)
-    reply = client.predict(api_name="/stop")
+    reply = stop(client)
     job.result(timeout=PATIENCE)
     last = statuses(job)[-1]["chunk"]
     assert last <= reply["chunk"] + CHUNKS_AHEAD  # chunks already made and the one in flight, then nothing
-    assert client.predict(api_name="/stop") == {"state": "idle"}  # nothing left to stop
+    assert stop(client) == {"state": "idle"}  # nothing left to stop
 
 
 def test_the_last_status_after_a_stop_or_a_new_generate_says_stopped(connect):
@@ -173,7 +184,7 @@ def test_the_last_status_after_a_stop_or_a_new_generate_says_stopped(connect):
     client = connect()
     job = generate(client, chunks=MID_STREAM * 4)
     wait_for_chunk(job, 1)
-    client.predict(api_name="/stop")
+    stop(client)
     job.result(timeout=PATIENCE)
     assert statuses(job)[-1]["state"] == STOPPED
     replaced = generate(client, chunks=MID_STREAM * 4)
@@ -203,12 +214,12 @@ def test_stop_and_switch_take_effect_while_the_queue_is_full(server, monkeypatch
         with pytest.raises(ValueError, match=f"{app.QUEUE_SIZE} visitors are waiting"):
             generate(clients[-1]).result(timeout=PATIENCE)
         viewer, job = clients[0], streaming[0]
-        assert viewer.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")["state"] == SWITCHING
+        assert switch(viewer, NEXT_GARMENT)["state"] == SWITCHING
         wait_until(lambda: statuses(job)[-1]["garment_version"] == 1, "the switch to land")
-        assert viewer.predict(api_name="/stop")["state"] == STOPPING
+        assert stop(viewer)["state"] == STOPPING
         job.result(timeout=PATIENCE)
         assert statuses(job)[-1]["state"] == STOPPED
-        clients[1].predict(api_name="/stop")
+        stop(clients[1])
         for job in waiting:  # they ran once the streams ended
             job.result(timeout=PATIENCE)
             assert [s["state"] for s in statuses(job)] == [DONE]
@@ -223,12 +234,41 @@ def test_two_clients_never_see_each_others_switches(connect):
     first_job, second_job = generate(first, chunks=MID_STREAM), generate(second, chunks=MID_STREAM)
     wait_for_chunk(first_job, 2)
     wait_for_chunk(second_job, 0)
-    first.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+    switch(first, NEXT_GARMENT)
     first_job.result(timeout=PATIENCE)
     second_job.result(timeout=PATIENCE)
     assert statuses(first_job)[-1]["garment_version"] == 1
     assert [s["garment_version"] for s in statuses(second_job)] == [0] * MID_STREAM
     assert max(s["streams"] for s in statuses(second_job)) == 2  # the status says the model is shared
+
+
+def test_a_forged_session_hash_can_neither_stop_nor_switch_anothers_stream(connect, server):
+    """The session hash is in every stream URL (`/gradio_api/stream/<session_hash>/...`), so anyone holding one can
+    send calls as that session; stop and switch also need the stream's key, which no URL holds."""
+    url, _ = server
+    owner = connect()
+    job = generate(owner, chunks=MID_STREAM * 4)
+    wait_for_chunk(job, 1)
+    fn_index = {d["api_name"]: d["id"] for d in httpx.get(f"{url}config", timeout=PATIENCE).json()["dependencies"]}
+    with open(NEXT_GARMENT, "rb") as photo:
+        uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": photo}, timeout=PATIENCE).json()[0]
+    wrong_key = secrets.token_hex(16)
+
+    def forge(api_name: str, *data) -> None:
+        body = {"fn_index": fn_index[api_name], "data": list(data), "session_hash": owner.session_hash}
+        httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=PATIENCE).raise_for_status()
+
+    forge("switch_garment", {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, wrong_key)
+    forge("stop", wrong_key)
+    forged_at = statuses(job)[-1]["chunk"]
+    wait_for_chunk(job, forged_at + CHUNKS_AHEAD + 2)  # a stop would have ended it by now, a switch landed
+    assert {s["garment_version"] for s in statuses(job)} == {0}
+    # Positive control: the owner, with the key, switches and stops.
+    assert switch(owner, NEXT_GARMENT)["state"] == SWITCHING
+    wait_until(lambda: statuses(job)[-1]["garment_version"] == 1, "the owner's switch to land")
+    assert stop(owner)["state"] == STOPPING
+    job.result(timeout=PATIENCE)
+    assert statuses(job)[-1]["state"] == STOPPED
 
 
 def test_a_switch_without_a_stream_never_decodes_the_photo(connect, monkeypatch):
@@ -242,13 +282,13 @@ def test_a_switch_without_a_stream_never_decodes_the_photo(connect, monkeypatch)
     monkeypatch.setattr(Image, "open", spy)
     client = connect()
     with pytest.raises(AppError, match="No stream is running"):
-        client.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+        switch(client, NEXT_GARMENT)
     assert Path(NEXT_GARMENT).name not in opened
     # Positive control: with a stream running, the same request decodes the photo.
     job = generate(client, chunks=MID_STREAM)
     wait_for_chunk(job, 0)
-    client.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
-    client.predict(api_name="/stop")
+    switch(client, NEXT_GARMENT)
+    stop(client)
     job.result(timeout=PATIENCE)
     assert Path(NEXT_GARMENT).name in opened
 
@@ -349,14 +389,16 @@ def test_bad_inputs_get_messages_while_another_stream_carries_on(connect, server
         (dict(seed=-1), "Seed must be a whole number"),
         (dict(chunks="abc"), "Length must be a whole number"),  # the API takes any JSON value
         (dict(seed="x"), "Seed must be a whole number"),
+        (dict(key="guessable"), "stream key must be a secret text of 16 to 256 characters"),
+        (dict(key=None), "stream key must be"),
     ]
     for kwargs, message in refused:
         with pytest.raises(AppError, match=message):
             generate(client, **kwargs).result(timeout=PATIENCE)
     with pytest.raises(AppError, match="No stream is running"):
-        client.predict(handle_file(NEXT_GARMENT), api_name="/switch_garment")
+        switch(client, NEXT_GARMENT)
     with pytest.raises(AppError, match="No stream is running"):  # the stream is looked for first
-        client.predict(handle_file(bad_files["text.png"]), api_name="/switch_garment")
+        switch(client, bad_files["text.png"])
     refusals = [r.getMessage() for r in caplog.records if r.name == app.logger.name]
     assert len(refusals) == len(refused) + 2 and all(r.startswith("refused: ") for r in refusals)
     assert "Traceback" not in capfd.readouterr().err  # one line each, not Gradio's traceback
@@ -366,7 +408,7 @@ def test_bad_inputs_get_messages_while_another_stream_carries_on(connect, server
         assert any(message in text for text in messages(job)), name
         assert [s["chunk"] for s in statuses(job)] == [0], name
     assert not bystander.done(), "the bystander's stream ended while the bad inputs were sent"
-    bystander_client.predict(api_name="/stop")
+    stop(bystander_client)
     bystander.result(timeout=PATIENCE)
     seen = statuses(bystander)[:-1]  # the last says stopped (its chunk, or the one before it again)
     assert [s["chunk"] for s in seen] == list(range(len(seen))) and len(seen) > MID_STREAM
@@ -382,7 +424,7 @@ def test_cancel_and_disconnect_clean_up_without_stalling_others(connect, server,
     wait_for_chunk(job, 1)
     job.cancel()
     started = time.monotonic()
-    assert probe.predict(api_name="/stop") == {"state": "idle"}  # the server answers others meanwhile
+    assert stop(probe) == {"state": "idle"}  # the server answers others meanwhile
     assert time.monotonic() - started < LEAVE_SECONDS
     wait_for_chunk(generate(leaver, chunks=long_stream), 0)
     leaver.close()  # the heartbeat ends: Gradio closes the stream and runs unload
@@ -461,7 +503,7 @@ clients = list(pool.map(lambda _: Client(url, verbose=False, download_files=Fals
 def send(i, photo):
     photos = (reference, photo) if i < 2 else (photo, not_an_image)
     try:
-        clients[i].submit(*map(handle_file, map(str, photos)), "", 1, 0, api_name="/generate").result()
+        clients[i].submit(*map(handle_file, map(str, photos)), "", 1, 0, "k" * 32, api_name="/generate").result()
     except Exception:
         pass
 
@@ -528,3 +570,18 @@ def test_python_app_serves_the_page_and_sigterm_removes_its_files(tmp_path):
     finally:
         process.kill()
         process.wait(PATIENCE)
+
+
+def test_a_closed_sessions_chunk_copies_leave_gradio_cache(connect):
+    """Gradio keeps a copy of every chunk file it serves until its sweep; a closed session's copies go at once."""
+    client = connect()
+    job = generate(client, chunks=2)
+    job.result(timeout=PATIENCE)
+    copies = [Path(chunk_file["path"]) for _, chunk_file, _ in job.outputs()[1:]]
+    assert len(copies) == 2 and all(copy.is_file() for copy in copies)  # served, and kept while the session lives
+    bystander = connect()
+    kept = generate(bystander, chunks=1)
+    kept.result(timeout=PATIENCE)
+    client.close()  # the heartbeat ends: Gradio runs unload
+    wait_until(lambda: not any(copy.exists() for copy in copies), "the closed session's chunk copies to go")
+    assert Path(kept.outputs()[-1][1]["path"]).is_file()  # another session's copy stays

@@ -27,6 +27,8 @@ from helpers import GARMENTS, REFERENCE, probe_video
 GARMENT, NEXT_GARMENT = GARMENTS[:2]
 #: Long enough that only a stop can end the stream within the test (about 20 s of paced video).
 LONG_STREAM = 40
+#: The stream key the tests' streams are made with.
+KEY = "k" * 32
 #: Seconds to wait for anything the test expects (generous: CI machines are slow).
 PATIENCE = 60
 #: Seconds a test's slow encoder waits for something that the old, serial producer never lets happen.
@@ -160,7 +162,7 @@ def test_a_switch_without_a_stream_decodes_nothing(service, monkeypatch):
     decodes = HeldDecodes(monkeypatch)
     decodes.release.set()
     with pytest.raises(UserInputError, match="No stream is running"):
-        service.switch("no-stream-session", GARMENT)
+        service.switch("no-stream-session", GARMENT, key=KEY)
     assert decodes.most == 0
 
 
@@ -210,7 +212,7 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
     producer = ForkedProducer(service)
     seen: list[dict] = []
     session = "forked-session"
-    stream = service.stream(session, REFERENCE, GARMENT, "", LONG_STREAM, 0, producer=producer)
+    stream = service.stream(session, REFERENCE, GARMENT, "", LONG_STREAM, 0, producer=producer, key=KEY)
     consumer = threading.Thread(target=lambda: seen.extend(status for _, status in stream), daemon=True)
     consumer.start()
 
@@ -221,7 +223,7 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
             time.sleep(0.01)
 
     wait_for(lambda: len(seen) >= 2, "two chunks")
-    switched_after = service.switch(session, NEXT_GARMENT)[0]["chunk"]
+    switched_after = service.switch(session, NEXT_GARMENT, key=KEY)[0]["chunk"]
     wait_for(lambda: seen[-1]["garment_version"] == 1, "the switch")
     first_new = next(s["chunk"] for s in seen if s["garment_version"] == 1)
     # Chunks made after the last one handed over (the queue, plus one) and the one being made when the switch
@@ -229,7 +231,7 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
     assert switched_after < first_new <= switched_after + QUEUE_CHUNKS + 2
     assert all(s["garment_version"] == (1 if s["chunk"] >= first_new else 0) for s in seen)
 
-    stopped_after = service.stop(session)["chunk"]
+    stopped_after = service.stop(session, key=KEY)["chunk"]
     consumer.join(PATIENCE)
     assert not consumer.is_alive()
     # Ends within the chunk in flight (marked STOPPED if the stop came while it was being made).
@@ -276,7 +278,7 @@ def test_a_forked_worker_makes_its_locks_afresh(service, monkeypatch):
 
 
 def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
-    stream = service.stream("plain-session", REFERENCE, GARMENT, "", 2, 0)
+    stream = service.stream("plain-session", REFERENCE, GARMENT, "", 2, 0, key=KEY)
     path, status = next(stream)
     info = probe_video(path)
     assert (info.codec, info.frames, info.width, info.height) == ("h264", 9, 64, 96)
@@ -322,7 +324,7 @@ def record(monkeypatch, generate=None, encode=None) -> list[tuple[str, int]]:
         return original_next(stream)
 
     def encode_segment(frames, path, fps):
-        index = int(Path(path).stem)
+        index = int(Path(path).stem.rsplit("-", 1)[1])  # <stream id>-<index>.mp4
         if encode:
             encode(index)
         path = original_encode(frames, path, fps)
@@ -409,7 +411,7 @@ def test_production_stays_bounded_ahead_of_a_consumer_that_does_not_take(unpaced
 
 # -- the real spaces.GPU wrapper, with only the ZeroGPU scheduler and torch patching stubbed --------------------------
 SIMULATED_ZEROGPU = r'''
-import json, os, sys, time, types
+import json, os, secrets, sys, time, types
 os.environ.update(SPACES_ZERO_GPU="true", SPACES_ZERO_DEVICE_API_URL="http://127.0.0.1:9")
 torch_patching = types.ModuleType("spaces.zero.torch")  # CPU torch cannot be patched for CUDA
 for name in ["enter_mode", "patch", "unpatch", "init", "move"]:
@@ -433,7 +435,8 @@ demo = app.build_demo(service)
 _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)
 connection = Client(url, verbose=False, download_files=False)
 reference, garments = service.preset.example_inputs()
-job = connection.submit(handle_file(str(reference)), handle_file(str(garments[0])), "", {chunks}, 0,
+KEY = secrets.token_hex(16)  # the stream's key, sent again with switch and stop
+job = connection.submit(handle_file(str(reference)), handle_file(str(garments[0])), "", {chunks}, 0, KEY,
                         api_name="/generate")
 result = {"statuses": [], "threads_in_server": 0}
 for i, (_, _, status) in enumerate(job):
@@ -442,10 +445,10 @@ for i, (_, _, status) in enumerate(job):
     result["statuses"].append(status)
     result["threads_in_server"] = max(result["threads_in_server"], len(service._threads))
     if i == 3:
-        reply = connection.predict(handle_file(str(garments[1])), api_name="/switch_garment")
+        reply = connection.predict(handle_file(str(garments[1])), KEY, api_name="/switch_garment")
         result["switched_after"] = reply["chunk"]
     if i == 8:
-        result["stopped_after"] = connection.predict(api_name="/stop")["chunk"]
+        result["stopped_after"] = connection.predict(KEY, api_name="/stop")["chunk"]
 time.sleep(1)
 result["left_over"] = os.listdir(service.chunk_root) + os.listdir(service.mailbox.root)
 result["requested_seconds"] = requested

@@ -3,8 +3,9 @@
 Two planes:
 
 - The **main plane** (`StreamService.stream`, `switch`, `stop`, `close_session`) runs in the Gradio server process.
-  It validates input, keeps one stream per session (keyed by Gradio's session hash), turns chunks into status
-  dicts and deletes files once Gradio has taken them.
+  It validates input, keeps one stream per session (keyed by Gradio's session hash; stop and switch also need the
+  stream's key, since the session hash is in every stream URL), turns chunks into status dicts and deletes files once
+  Gradio has taken them, and Gradio's copies of them once the session closes.
 - The **GPU plane** (`StreamService.produce`) runs the engine. On a ZeroGPU Space the app wraps it in `spaces.GPU`,
   which runs each call in a worker process *forked* from the server and holding a GPU for as long as the call asked
   for (`budget`). After the fork the worker shares nothing in memory with the main plane: it gets plain arguments,

@@ -26,6 +26,9 @@ MAX_SEED = 2**32 - 1
 #: at the pixel limit (RGBA; a 16-bit PNG ~80 MB, a JPEG a 64th), so a burst of uploads waits here rather than taking
 #: the server's memory (eight 16-bit ones at once took 8 GB when they were converted in float64, unbounded).
 MAX_DECODES = 2
+#: A stream's key: a secret the caller makes (the page: 128 random bits as hex) and sends with Generate, stop and switch.
+#: Not the session hash, which is in every stream URL; at least 64 bits of hex, so it cannot be guessed.
+MIN_KEY_CHARS, MAX_KEY_CHARS = 16, 256
 #: How long a check waits for a decode slot before refusing: a visitor hears the server is busy, rather than waiting
 #: in a queue with no end.
 DECODE_WAIT_SECONDS = 10.0
@@ -100,6 +103,14 @@ def check_request(prompt: Any, chunks: Any, seed: Any, *, max_chars: int, max_ch
     if not _whole_in(seed, 0, MAX_SEED):
         raise UserInputError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {reprlib.repr(seed)}.")
     return prompt, int(chunks), int(seed)
+
+
+def check_key(key: Any) -> str:
+    """The stream key as Generate takes it, or a refusal naming the allowed length."""
+    if not isinstance(key, str) or not MIN_KEY_CHARS <= len(key) <= MAX_KEY_CHARS:
+        raise UserInputError(f"The stream key must be a secret text of {MIN_KEY_CHARS} to {MAX_KEY_CHARS} characters "
+                             f"that stop and switch send again, got {reprlib.repr(key)}.")
+    return key
 
 
 def _whole_in(value: Any, low: int, high: int) -> bool:

@@ -149,8 +149,6 @@ class Producer(ForkSafe):
     def _encode(self, stream_id: str, made: queue.SimpleQueue, out: queue.Queue, closed: threading.Event) -> None:
         """The encoder thread: each chunk from `made` becomes a segment, handed over in order with the errors that
         come through `made`. It is the folder's last writer, so it releases the folder."""
-        folder = self.folders.path(stream_id)
-
         def consumer_gone() -> bool:
             return closed.is_set() or not self.mailbox.exists(stream_id)
 
@@ -161,7 +159,7 @@ class Producer(ForkSafe):
                     if consumer_gone():  # nobody will play it
                         return
                     chunk = item.chunk
-                    path = media.encode_segment(chunk.frames, folder / f"{chunk.index:05d}.mp4", self.fps)
+                    path = media.encode_segment(chunk.frames, self.folders.segment(stream_id, chunk.index), self.fps)
                     # Busy time: the union of each chunk's span from its turn to its segment (the spans overlap).
                     finished = time.monotonic()
                     busy_seconds += finished - max(item.started, busy_until)

@@ -16,7 +16,7 @@ from ..presets import Preset, load_preset
 from . import budget, checks
 from .mailbox import STOP, SWITCH, Mailbox, Message
 from .producer import ChunkReady, Producer
-from .sessions import ChunkFolders, SessionRegistry
+from .sessions import ChunkFolders, SessionRegistry, SessionStream
 from .states import DONE, IDLE, STOPPED, STOPPING, SWITCHING
 
 #: How long shutdown waits for an engine thread to finish its chunk.
@@ -82,6 +82,11 @@ class StreamService:
         """(prompt, chunks, seed) within this model's limits, as `stream` takes them."""
         return checks.check_request(prompt, chunks, seed, max_chars=self.max_prompt_chars, max_chunks=self.max_chunks)
 
+    @staticmethod
+    def check_key(key: Any) -> str:
+        """The stream key as `stream` takes it (`checks.check_key`)."""
+        return checks.check_key(key)
+
     # -- main plane ------------------------------------------------------------------------------------------
     def stream(
         self,
@@ -92,18 +97,20 @@ class StreamService:
         chunks: int,
         seed: int,
         producer: Callable[..., Iterator[ChunkReady]] | None = None,
+        *,
+        key: str,
     ) -> Iterator[tuple[str | None, dict]]:
         """Run one stream for `session` and yield (segment path, status) per chunk, then (None, status) if it ended
         by a stop that no chunk carried, so that the last status always says how the stream ended.
 
         `producer` is `produce` as the app wrapped it (`spaces.GPU`); call this inside the Gradio handler so the
-        ZeroGPU scheduler sees the user's request. Inputs must have passed `check_image`/`check_request`. A new
-        stream stops the session's previous one. Each segment file is deleted when the next is asked for (Gradio
-        has copied it by then). Leaving early (disconnect, cancel) only removes the mailbox, which the producer
+        ZeroGPU scheduler sees the user's request. Inputs must have passed `check_image`/`check_request`/`check_key`;
+        `switch` and `stop` must send `key` again. A new stream stops the session's previous one. Each segment file is
+        deleted when the next is asked for (Gradio has copied it by then). Leaving early (disconnect, cancel) only removes the mailbox, which the producer
         reads as stop, and marks the folder: nothing here waits for the engine, since this cleanup runs on the
         server's event loop (under ZeroGPU, `spaces` itself waits for the worker's current chunk).
         """
-        stream_id = self.sessions.open(session)
+        stream_id = self.sessions.open(session, key)
         items = (producer or self.produce)(stream_id, reference, garment, prompt, seed, chunks)
         producer_ended = False
         previous: str | None = None
@@ -133,20 +140,27 @@ class StreamService:
             items.close()
             self.sessions.finish(session, stream_id, producer_ended)
 
-    def switch(self, session: str, garment: str | None) -> tuple[dict, list[str]]:
+    def switch(self, session: str, garment: str | None, *, key: Any) -> tuple[dict, list[str]]:
         """Ask the session's stream to switch to `garment` (an upload) at its next chunk; returns the status and the
-        notes of `check_image`. A session that runs no stream is refused before the photo is decoded."""
-        if self.sessions.get(session) is None:
+        notes of `check_image`. A session that runs no stream with `key` is refused before the photo is decoded."""
+        if self._stream_of(session, key) is None:
             raise UserInputError("No stream is running in this session; press Generate first.")
         notes = self.check_image(garment, "new garment photo")
-        current = self.sessions.get(session)  # again: the stream may have ended while the photo was checked
+        current = self._stream_of(session, key)  # again: the stream may have ended while the photo was checked
         if current is None or not self._post(current.stream_id, Message(SWITCH, garment=garment)):
             raise UserInputError("The stream has just ended; press Generate to start a new one.")
         return {**current.status, "state": SWITCHING}, notes
 
-    def stop(self, session: str) -> dict:
-        """Ask the session's stream to end at its next chunk boundary; the status says IDLE if none runs."""
+    def stop(self, session: str, *, key: Any) -> dict:
+        """Ask the session's stream to end at its next chunk boundary; the status says IDLE if none runs with `key`."""
+        return self._stop(self._stream_of(session, key))
+
+    def _stream_of(self, session: str, key: Any) -> SessionStream | None:
+        """The session's stream if `key` is its key: a wrong key learns only that no stream runs."""
         current = self.sessions.get(session)
+        return current if current is not None and current.opens_with(key) else None
+
+    def _stop(self, current: SessionStream | None) -> dict:
         if current is None or not self._post(current.stream_id, Message(STOP)):
             return {"state": IDLE}
         return {**current.status, "state": STOPPING}
@@ -159,9 +173,14 @@ class StreamService:
             return False
         return True
 
-    def close_session(self, session: str) -> None:
-        """The browser left (Gradio's unload): stop its stream. The stream's own handler deletes its files."""
-        self.stop(session)
+    def close_session(self, session: str, cache: str | os.PathLike | None = None) -> None:
+        """The browser left (Gradio's unload): stop its stream, and delete the copies of its streams' segments that the
+        web server kept in `cache` for the page to fetch (nobody will fetch them now). The stream's own handler
+        deletes the service's files."""
+        self._stop(self.sessions.get(session))
+        for stream_id in self.sessions.forget(session):
+            if cache is not None:
+                self.sessions.folders.delete_copies(stream_id, Path(cache))
 
     def shutdown(self) -> None:
         """Stop every stream, let in-process engine threads finish their chunk (a thread killed inside torch at

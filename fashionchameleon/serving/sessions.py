@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import shutil
 import threading
@@ -35,6 +36,21 @@ class ChunkFolders:
     def create(self, stream_id: str) -> None:
         self.path(stream_id).mkdir()
 
+    def segment(self, stream_id: str, index: int) -> Path:
+        """Where the stream's chunk `index` goes. The name carries the stream id because Gradio's cache keeps the name
+        of each file it copies (`<cache>/<content hash>/<name>`): `delete_copies` finds the stream's copies by it."""
+        return self.path(stream_id) / f"{stream_id}-{index:05d}.mp4"
+
+    @staticmethod
+    def delete_copies(stream_id: str, cache: Path) -> None:
+        """Delete the copies Gradio made in `cache` of the stream's segments (and their folders, once empty)."""
+        for copy in cache.glob(f"*/{stream_id}-*.mp4"):
+            copy.unlink(missing_ok=True)
+            try:
+                copy.parent.rmdir()
+            except OSError:  # another file of the same content, or a new copy meanwhile
+                pass
+
     def delete(self, stream_id: str) -> None:
         shutil.rmtree(self.path(stream_id), ignore_errors=True)
 
@@ -56,7 +72,12 @@ class SessionStream:
     """The stream a session runs, and the status of its last chunk."""
 
     stream_id: str
+    key: str  # what stop and switch must send (the session hash is in every stream URL)
     status: dict = field(default_factory=dict)
+
+    def opens_with(self, key: object) -> bool:
+        """Whether `key` is this stream's key (compared in constant time)."""
+        return isinstance(key, str) and hmac.compare_digest(_bytes(key), _bytes(self.key))
 
 
 class SessionRegistry(ForkSafe):
@@ -69,6 +90,7 @@ class SessionRegistry(ForkSafe):
         self.mailbox = mailbox
         self.folders = folders
         self._sessions: dict[str, SessionStream] = {}
+        self._served: dict[str, list[str]] = {}  # per session, every stream it opened (its segments may be in a cache)
         super().__init__()
 
     def _reset_locks(self) -> None:
@@ -78,15 +100,16 @@ class SessionRegistry(ForkSafe):
         with self._lock:
             return len(self._sessions)
 
-    def open(self, session: str) -> str:
-        """A new stream for `session` with its mailbox box and chunk folder; the session's previous stream is told
-        to stop (its mailbox goes)."""
+    def open(self, session: str, key: str) -> str:
+        """A new stream for `session`, controlled with `key`, with its mailbox box and chunk folder; the session's
+        previous stream is told to stop (its mailbox goes)."""
         stream_id = uuid.uuid4().hex
         self.mailbox.open(stream_id)
         self.folders.create(stream_id)
         with self._lock:
             previous = self._sessions.get(session)
-            self._sessions[session] = SessionStream(stream_id)
+            self._sessions[session] = SessionStream(stream_id, key)
+            self._served.setdefault(session, []).append(stream_id)
         if previous is not None:
             logger.info("session %s started a new stream; stopping %s", session[:8], previous.stream_id[:8])
             self.mailbox.remove(previous.stream_id)
@@ -113,6 +136,11 @@ class SessionRegistry(ForkSafe):
         else:
             self.folders.release(stream_id, CONSUMER)
 
+    def forget(self, session: str) -> list[str]:
+        """The session has closed: the streams it opened, forgotten."""
+        with self._lock:
+            return self._served.pop(session, [])
+
     def stop_all(self) -> None:
         """Tell every stream to stop (remove its mailbox box)."""
         with self._lock:
@@ -124,3 +152,8 @@ class SessionRegistry(ForkSafe):
         """Whether `session`'s current stream is `stream_id` (call with the lock held)."""
         current = self._sessions.get(session)
         return current is not None and current.stream_id == stream_id
+
+
+def _bytes(key: str) -> bytes:
+    """A key as bytes; JSON may carry lone surrogates, which plain UTF-8 refuses."""
+    return key.encode("utf-8", "surrogatepass")
