@@ -13,8 +13,10 @@ Environment:
 A bad value stops the app before the model loads: one line on stderr and exit code 2, as in the CLI.
 
 API (gradio_client; one Client is one session):
-  /generate(reference, garment, prompt, chunks, seed, key) -> streamed (video, chunk mp4, status): a "starting" status
-      alone first, then one per chunk, then a "stopped" status alone if a stop ended the stream between chunks
+  /generate(reference, garment, prompt, chunks, seed, key) -> streamed (frames, video, status): a "starting" status
+      alone first; per chunk its `frames` (a PNG or JPEG data URL of the chunk's frames stacked top to bottom, with
+      their count and fps) and status; at the end the whole stream's H.264 mp4 as `video`, with the last status
+      ("done" or "stopped"). A stream runs until /stop, up to `chunks` (at most the cap the page shows).
   /switch_garment(garment, key) -> status      /stop(key) -> status
 `key` is a secret the caller makes (16 to 256 characters, e.g. `secrets.token_hex(16)`) and sends with all three: stop
 and switch act only on the session's stream made with the same key. The session hash cannot serve, as it is in every
@@ -47,17 +49,44 @@ QUEUE_SIZE = 16
 CONTROL_ROOM = 16
 #: Photos larger than this are refused at upload (decompression bombs are caught later, by pixel count).
 MAX_UPLOAD = "20mb"
-#: Pixel heights that keep the page on one phone screen per column.
-PHOTO_HEIGHT, NEXT_GARMENT_HEIGHT, WARDROBE_HEIGHT = 280, 200, 190
+#: Pixel heights that keep the video, the wardrobe and Switch on one screen (1280 x 800 desktop, 390 x 844 phone); the
+#: player's own height is set in player.js.
+PHOTO_HEIGHT, NEXT_GARMENT_HEIGHT, WARDROBE_HEIGHT = 200, 110, 110
+#: Shown in the prompt box; within every preset's prompt limit (mini's is 32 characters).
+PROMPT_PLACEHOLDER = "a person turns slowly"
 #: Gradio's cache (uploads and the copies it serves of per-chunk files) is swept every 5 minutes of files older than 15:
 #: long enough for a photo uploaded now to be used for a stream of up to `budget.MAX_GPU_SECONDS` some minutes later.
 #: A session's chunk copies go sooner, when it closes (`StreamService.close_session`); uploads only by this sweep.
 CACHE_SWEEP = (300, 900)
 
 CSS = """
-#video video { max-height: 70vh; }
+#player-box { display: flex; justify-content: center; align-items: center; min-height: 12em; position: relative; }
+#player-canvas { background: var(--block-background-fill); }
+#player-box .player-note { position: absolute; color: var(--body-text-color-subdued); }
+#player-box.playing .player-note { display: none; }
 #status-line { min-height: 2.5em; }
-footer { display: none !important; }
+#wardrobe .grid-container {  /* one row of equal columns however narrow the screen */
+  grid-template-columns: none !important; grid-auto-flow: column; grid-auto-columns: minmax(0, 1fr);
+}
+@media (max-width: 640px) {
+  #live { min-height: 100vh; }  /* stacked under the inputs: Generate can bring it to the top of the screen */
+  #wardrobe-hint { display: none; }
+}
+"""
+#: The page's player (see the file); it lives in the page's <head>.
+PLAYER_JS = (Path(__file__).parent / "player.js").read_text()
+PLAYER_HTML = """<div id="player-box"><canvas id="player-canvas" width="48" height="64"></canvas>
+<span class="player-note">The video plays here.</span></div>"""
+#: Hands each chunk to the player as it arrives (no server round trip).
+PUSH_FRAMES_JS = "(frames) => { window.FashionChameleonPlayer.push(frames); }"
+#: On a narrow screen the inputs sit above the player: bring the player into view when Generate is pressed.
+SHOW_PLAYER_JS = """
+(...inputs) => {
+  const live = document.querySelector("#live");
+  const box = live ? live.getBoundingClientRect() : null;
+  if (box && (box.top < 0 || box.top > window.innerHeight / 2)) live.scrollIntoView({block: "start"});
+  return inputs;
+}
 """
 #: Renders the status JSON as one line in the browser (no server round trip per chunk).
 STATUS_LINE_JS = """
@@ -69,6 +98,10 @@ STATUS_LINE_JS = """
     parts.push(`chunk ${s.chunk + 1} / ${s.chunks}`, `garment v${s.garment_version}`,
                `${s.fps} fps generated, plays at ${s.playback_fps} fps`);
     if (s.streams > 1) parts.push(`${s.streams} streams share the model`);
+    if (s.state === "streaming" && s.fps < s.playback_fps) {
+      parts.push(`generation is slower than playback${s.streams > 1 ? " (the streams take turns)" : ""}: ` +
+                 "the video pauses while it catches up");
+    }
   }
   return parts.join(" · ");
 }
@@ -77,7 +110,7 @@ STATUS_LINE_JS = """
 NEW_KEY_JS = """
 () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("")
 """
-LAUNCH_OPTIONS = dict(max_file_size=MAX_UPLOAD, theme=gr.themes.Soft(), css=CSS)
+LAUNCH_OPTIONS = dict(max_file_size=MAX_UPLOAD, theme=gr.themes.Soft(), css=CSS, head=f"<script>{PLAYER_JS}</script>")
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +134,7 @@ def garment_name(path: Path) -> str:
 
 def banner(service: StreamService) -> str:
     preset = service.preset
-    text = f"# FashionChameleon: live try-on\n**Model:** `{preset.name}`: {preset.description}."
+    text = f"## FashionChameleon: live try-on\n**Model:** `{preset.name}`: {preset.description}."
     if preset.random_weights:
         text += ("\n\n> This preset has **random weights**: the video is noise by design. It exercises the whole "
                  "streaming path (chunks, garment switching, pacing) without a trained model.")
@@ -118,7 +151,7 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
 
     def generate(reference: dict, garment: dict, prompt: str, chunks: int, seed: int, key: str,
                  request: gr.Request):
-        """Stream a try-on video: per chunk an H.264 segment, the same segment as a file, and a status."""
+        """Stream a try-on video: per chunk its frames and a status; at the end the whole stream as an mp4."""
         reference, garment = uploaded(reference), uploaded(garment)
         try:
             key = service.check_key(key)
@@ -130,17 +163,14 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
             gr.Info(note)
         # Yield before the stream starts: Gradio can close a generator only once it has yielded, and a cancel that
         # comes while the first value is made would leave the stream open, unread and never closed.
-        yield gr.skip(), gr.skip(), {"state": STARTING}
+        yield gr.skip(), None, {"state": STARTING}  # None: the previous stream's video goes
         try:
-            for segment, status in service.stream(request.session_hash, reference, garment, prompt, chunks, seed,
-                                                  producer=gpu_produce, key=key):
-                if segment is None:  # the stream's end, told after its last segment
-                    yield gr.skip(), gr.skip(), status
-                    continue
-                if status["chunk"] == 0 and status["removed_words"]:
+            for frames, whole, status in service.stream(request.session_hash, reference, garment, prompt, chunks,
+                                                        seed, producer=gpu_produce, key=key):
+                if frames is not None and status["chunk"] == 0 and status["removed_words"]:
                     gr.Warning(f"Garment words were removed from the prompt ({', '.join(status['removed_words'])}): "
                                "the garment photo decides what is worn.")
-                yield segment, segment, status
+                yield gr.skip() if frames is None else frames, gr.skip() if whole is None else whole, status
         except UserInputError as error:
             raise refuse(error) from None
 
@@ -184,50 +214,58 @@ def build_demo(service: StreamService, streams: int | None = None) -> gr.Blocks:
                                         f"{len(garments) - 1}, got {event.index!r}."))
         return str(garments[event.index])
 
+    cap = f"{service.max_chunks * service.chunk_seconds:.0f} s"
     with gr.Blocks(title="FashionChameleon", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(banner(service), elem_id="banner")
         with gr.Row(equal_height=False):
-            with gr.Column(min_width=300):
+            with gr.Column(min_width=320, elem_id="inputs"):
                 with gr.Row():
                     reference = gr.Image(label="Person", type="filepath", elem_id="reference", height=PHOTO_HEIGHT)
                     garment = gr.Image(label="Garment", type="filepath", elem_id="garment", height=PHOTO_HEIGHT)
+                gr.Examples([[str(example_reference), str(g)] for g in garments], [reference, garment],
+                            label="Examples (run on the loaded model)", examples_per_page=len(garments),
+                            example_labels=[f"person in {garment_name(g)}" for g in garments])
                 prompt = gr.Textbox(label="Prompt (motion and scene)", max_length=service.max_prompt_chars,
-                                    placeholder="a person turns slowly, studio light", elem_id="prompt")
+                                    placeholder=PROMPT_PLACEHOLDER[:service.max_prompt_chars],
+                                    info=f"Up to {service.max_prompt_chars} characters. {serving.prompt_note}".strip(),
+                                    elem_id="prompt")
                 with gr.Row():
-                    chunks = gr.Slider(1, service.max_chunks, value=min(serving.chunks, service.max_chunks), step=1,
-                                       label=f"Length in chunks ({service.chunk_seconds:g} s each)", elem_id="chunks")
+                    chunks = gr.Slider(1, service.max_chunks, value=service.max_chunks, step=1,
+                                       label=f"Length in chunks of {service.chunk_seconds:g} s",
+                                       info=f"Streams until Stop, at most {service.max_chunks} chunks ({cap}): the cap "
+                                            "for shared hardware.", elem_id="chunks")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
-                with gr.Row():
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 key = gr.Textbox(visible=False, elem_id="stream-key")  # set in the browser at load: NEW_KEY_JS
-            with gr.Column(min_width=300):
-                video = gr.Video(label="Try-on stream", streaming=True, autoplay=True, interactive=False,
-                                 elem_id="video")
+            with gr.Column(min_width=320, elem_id="live"):
+                gr.HTML(PLAYER_HTML, elem_id="player")
+                frames = gr.JSON(visible="hidden", label="frames", elem_id="frames")
                 status_line = gr.Markdown("Add a person and a garment, then press Generate.", elem_id="status-line")
-                status = gr.JSON(visible="hidden", elem_id="status")
-                chunk_file = gr.File(label="Latest chunk (mp4)", visible=False, elem_id="chunk-file")
-                gr.Markdown("**Wardrobe**: pick a garment or upload one, then switch while the video plays.")
-                with gr.Group():
-                    wardrobe = gr.Gallery([(str(g), garment_name(g)) for g in garments], show_label=False,
-                                          columns=len(garments), rows=1, height=WARDROBE_HEIGHT, object_fit="contain",
-                                          allow_preview=False, elem_id="wardrobe")
+                status = gr.JSON(visible="hidden", label="status", elem_id="status")
+                gr.Markdown("**Wardrobe**: pick one (or upload a next garment), then Switch while it plays.",
+                            elem_id="wardrobe-hint")
+                wardrobe = gr.Gallery([(str(g), garment_name(g)) for g in garments], show_label=False,
+                                      columns=len(garments), rows=1, height=WARDROBE_HEIGHT, object_fit="contain",
+                                      allow_preview=False, elem_id="wardrobe")
+                with gr.Row(equal_height=True):
                     next_garment = gr.Image(label="Next garment", type="filepath", elem_id="next-garment",
-                                               height=NEXT_GARMENT_HEIGHT)
-                    switch_button = gr.Button("Switch garment", elem_id="switch")
-        gr.Examples([[str(example_reference), str(g)] for g in garments], [reference, garment],
-                    label="Examples (run on the loaded model)")
+                                            height=NEXT_GARMENT_HEIGHT, min_width=120)
+                    with gr.Column(min_width=120):
+                        switch_button = gr.Button("Switch garment", variant="primary", elem_id="switch")
+                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                video = gr.File(label="The whole stream (H.264 mp4, when it ends)", elem_id="stream-file")
 
         demo.load(None, None, [key], js=NEW_KEY_JS, api_visibility="private")
-        generate_button.click(generate, [reference, garment, prompt, chunks, seed, key], [video, chunk_file, status],
+        generate_button.click(generate, [reference, garment, prompt, chunks, seed, key], [frames, video, status],
                               api_name="generate", concurrency_id="gpu", concurrency_limit=streams,
-                              validator=admit, preprocess=False, show_progress="minimal")
+                              validator=admit, preprocess=False, show_progress="hidden", js=SHOW_PLAYER_JS)
         switch_button.click(switch_garment, [next_garment, key], [status], api_name="switch_garment",
                             concurrency_id="control", concurrency_limit=None, preprocess=False, show_progress="hidden")
         stop_button.click(stop, [key], [status], api_name="stop", concurrency_id="control", concurrency_limit=None,
                           show_progress="hidden")
         wardrobe.select(pick_garment, None, [next_garment], queue=False, api_visibility="private",
                         show_progress="hidden")
+        frames.change(None, [frames], None, js=PUSH_FRAMES_JS, api_visibility="private")
         status.change(None, [status], [status_line], js=STATUS_LINE_JS, api_visibility="private")
         demo.unload(close_session)
     return demo.queue(max_size=QUEUE_SIZE + CONTROL_ROOM, default_concurrency_limit=None)

@@ -55,6 +55,7 @@ class Chunk:
     host_frames: torch.Tensor = field(repr=False)  # uint8 [F, H, W, 3] on the host, pinned if copied from CUDA
     garment_version: int
     first_frame: int  # index of frames[0] in the whole stream
+    switch_requests: int  # `request_switch` calls this chunk follows: all taken at its boundary or before
     timings: dict[str, float] = field(default_factory=dict)  # seconds; filled when the engine profiles
     copied: torch.cuda.Event | None = field(default=None, repr=False)  # recorded after the copy; None: no copy
 
@@ -153,6 +154,7 @@ class Stream:
         self.chunk_index = 0
         self.garment_version = 0
         self.frames_out = 0
+        self.switch_requests_taken = 0  # requests taken at boundaries so far (several at one boundary: the last wins)
         self._requests: queue.SimpleQueue[_SwitchRequest] = queue.SimpleQueue()  # thread-safe, also without a GIL
         self._stopped = threading.Event()
         self.decoder = engine.pipe.codec.stream_decoder()
@@ -178,7 +180,8 @@ class Stream:
             frames = media.quantize(self.decoder.decode(x0))  # on the device: no host sync in the engine
         host_frames, copied = _copy_to_host(frames)
         timer.lap("decode")
-        chunk = Chunk(self.chunk_index, host_frames, self.garment_version, self.frames_out, timer.laps, copied)
+        chunk = Chunk(self.chunk_index, host_frames, self.garment_version, self.frames_out, self.switch_requests_taken,
+                      timer.laps, copied)
         self.chunk_index += 1
         self.frames_out += chunk.num_frames
         self.last_frame = frames[-1].clone()  # a copy, so that the rest of the chunk's device frames can be freed
@@ -219,6 +222,7 @@ class Stream:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return request
+            self.switch_requests_taken += 1
 
     @torch.no_grad()
     def switch_garment(self, garment: Image.Image, prompt: str | None = None) -> None:

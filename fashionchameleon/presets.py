@@ -37,11 +37,13 @@ WORLD_EXAMPLES = ASSETS / "world"
 
 @dataclass(frozen=True)
 class Serving:
-    """What the app offers for a preset: streams generated at once, the default length, a note on the page."""
+    """What the app offers for a preset: streams generated at once, how chunks reach the page, notes on the page. (A
+    stream runs until Stop, up to the length that `serving.budget` allows.)"""
 
     streams: int = 1  # one stream per model replica keeps a large model at full speed
-    chunks: int = 16
     notice: str = ""  # shown under the title (what inputs the model knows)
+    strip_format: str = "png"  # how chunks travel to the page's player (`media.STRIP_FORMATS`): exact for small frames
+    prompt_note: str = ""  # shown under the prompt box: what a prompt does with this model
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,9 @@ PRESETS: dict[str, Preset] = {
         # The world has no captions: guidance drops the garment instead of the text.
         teacher=TeacherSampling(steps=25, guidance=2.5, latent_frames=9, guidance_condition="garment",
                                 weights=ASSETS / "mini-teacher"),
-        serving=Serving(streams=2, notice=(
+        serving=Serving(streams=2, prompt_note=(
+            "The mini world has no captions, so this model was trained with empty prompts: leave it empty (text only "
+            "perturbs the video)."), notice=(
             "This model was trained only on the **mini wardrobe world** (small procedural people and flat-lay "
             "tees): start from the examples below; photos of real people come out as that world.")),
         weights=ASSETS / "mini",
@@ -228,8 +232,8 @@ PRESETS: dict[str, Preset] = {
         ),
         stream=StreamConfig(height=1280, width=704),
         build=build_wan22,
-        serving=Serving(notice="The examples are drawn by the mini wardrobe world: for this model, upload a photo of "
-                               "a person and a garment shot on white."),
+        serving=Serving(strip_format="jpeg", notice="The examples are drawn by the mini wardrobe world: for this model, "
+                                                    "upload a photo of a person and a garment shot on white."),
         load_trained=load_wan22,
         cuda_dtype=torch.bfloat16,
     ),

@@ -4,6 +4,8 @@ The tiny preset on CPU, paced to real time (a 12-frame chunk every 0.5 s), so st
 """
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import os
@@ -103,9 +105,19 @@ def stop(client: Client, key: str = KEY) -> dict:
     return client.predict(key, api_name="/stop")
 
 
+def is_chunk(frames: object) -> bool:
+    """Whether an update of /generate carries a chunk (else: the start, or the whole stream's video at the end)."""
+    return isinstance(frames, dict) and "image" in frames
+
+
 def statuses(job) -> list[dict]:
-    """The statuses after the first, which only says the stream is starting."""
-    return [status for _, _, status in job.outputs()[1:]]
+    """The statuses of the chunks."""
+    return [status for frames, _, status in job.outputs() if is_chunk(frames)]
+
+
+def last_status(job) -> dict:
+    """The stream's last status: how it ended."""
+    return job.outputs()[-1][2]
 
 
 def wait_for_chunk(job, index: int) -> None:
@@ -128,27 +140,32 @@ def test_api_names_and_parameters(connect):
     assert set(endpoints) == {"/generate", "/switch_garment", "/stop"}
     assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == [
         "reference", "garment", "prompt", "chunks", "seed", "key"]
-    assert len(endpoints["/generate"]["returns"]) == 3  # video, chunk mp4, status
+    assert [r["label"] for r in endpoints["/generate"]["returns"]] == [
+        "frames", "The whole stream (H.264 mp4, when it ends)", "status"]
     assert [p["parameter_name"] for p in endpoints["/switch_garment"]["parameters"]] == ["garment", "key"]
     assert [p["parameter_name"] for p in endpoints["/stop"]["parameters"]] == ["key"]
 
 
-def test_stream_yields_requested_chunks_as_h264(connect, server):
+def test_stream_yields_each_chunks_frames_then_the_whole_mp4(connect, server):
     _, service = server
     chunks = 3
-    outputs = generate(connect(files=True), chunks=chunks)
-    outputs.result(timeout=PATIENCE)
-    starting, *outputs = outputs.outputs()
-    assert starting[2] == {"state": STARTING}
-    assert len(outputs) == chunks
+    job = generate(connect(files=True), chunks=chunks)
+    job.result(timeout=PATIENCE)
+    starting, *updates, (_, video, end) = job.outputs()
+    assert starting[1:] == (None, {"state": STARTING})  # no video yet (a previous stream's goes)
+    assert len(updates) == chunks and all(is_chunk(frames) for frames, _, _ in updates)
     config = service.preset.stream
-    for i, (_, chunk_file, status) in enumerate(outputs):
-        info = probe_video(chunk_file)
-        frames = 9 if i == 0 else 12
-        assert (info.codec, info.frames, info.width, info.height) == ("h264", frames, config.width, config.height)
-        assert info.fps == pytest.approx(config.fps)
-        assert (status["chunk"], status["frames"], status["garment_version"]) == (i, frames, 0)
+    for i, (frames, _, status) in enumerate(updates):
+        count = 9 if i == 0 else 12
+        strip = Image.open(io.BytesIO(base64.b64decode(frames["image"].split(",", 1)[1])))
+        assert strip.size == (config.width, config.height * count)
+        assert (frames["chunk"], frames["frames"], frames["fps"]) == (i, count, config.fps)
+        assert (status["chunk"], status["frames"], status["garment_version"]) == (i, count, 0)
         assert status["state"] == (DONE if i == chunks - 1 else STREAMING)
+    info = probe_video(video)
+    assert (info.codec, info.frames, info.width, info.height) == ("h264", 33, config.width, config.height)
+    assert info.fps == pytest.approx(config.fps)
+    assert end["state"] == DONE
 
 
 def test_switch_mid_stream_bumps_garment_version_at_next_chunk(connect):
@@ -186,13 +203,13 @@ def test_the_last_status_after_a_stop_or_a_new_generate_says_stopped(connect):
     wait_for_chunk(job, 1)
     stop(client)
     job.result(timeout=PATIENCE)
-    assert statuses(job)[-1]["state"] == STOPPED
+    assert last_status(job)["state"] == STOPPED
     replaced = generate(client, chunks=MID_STREAM * 4)
     wait_for_chunk(replaced, 1)
     replacing = generate(client, chunks=1)  # the same session's new Generate stops the running stream
     replaced.result(timeout=PATIENCE)
     replacing.result(timeout=PATIENCE)
-    assert statuses(replaced)[-1]["state"] == STOPPED
+    assert last_status(replaced)["state"] == STOPPED
     assert [s["state"] for s in statuses(replacing)] == [DONE]
 
 
@@ -218,7 +235,7 @@ def test_stop_and_switch_take_effect_while_the_queue_is_full(server, monkeypatch
         wait_until(lambda: statuses(job)[-1]["garment_version"] == 1, "the switch to land")
         assert stop(viewer)["state"] == STOPPING
         job.result(timeout=PATIENCE)
-        assert statuses(job)[-1]["state"] == STOPPED
+        assert last_status(job)["state"] == STOPPED
         stop(clients[1])
         for job in waiting:  # they ran once the streams ended
             job.result(timeout=PATIENCE)
@@ -268,7 +285,7 @@ def test_a_forged_session_hash_can_neither_stop_nor_switch_anothers_stream(conne
     wait_until(lambda: statuses(job)[-1]["garment_version"] == 1, "the owner's switch to land")
     assert stop(owner)["state"] == STOPPING
     job.result(timeout=PATIENCE)
-    assert statuses(job)[-1]["state"] == STOPPED
+    assert last_status(job)["state"] == STOPPED
 
 
 def test_a_switch_without_a_stream_never_decodes_the_photo(connect, monkeypatch):
@@ -410,7 +427,7 @@ def test_bad_inputs_get_messages_while_another_stream_carries_on(connect, server
     assert not bystander.done(), "the bystander's stream ended while the bad inputs were sent"
     stop(bystander_client)
     bystander.result(timeout=PATIENCE)
-    seen = statuses(bystander)[:-1]  # the last says stopped (its chunk, or the one before it again)
+    seen = statuses(bystander)
     assert [s["chunk"] for s in seen] == list(range(len(seen))) and len(seen) > MID_STREAM
 
 
@@ -572,16 +589,20 @@ def test_python_app_serves_the_page_and_sigterm_removes_its_files(tmp_path):
         process.wait(PATIENCE)
 
 
-def test_a_closed_sessions_chunk_copies_leave_gradio_cache(connect):
-    """Gradio keeps a copy of every chunk file it serves until its sweep; a closed session's copies go at once."""
+def test_a_closed_sessions_video_copies_leave_gradio_cache(connect):
+    """Gradio keeps a copy of every file it serves until its sweep; a closed session's copies go at once. (Chunks
+    travel inline, as data URLs: no file per chunk.)"""
     client = connect()
-    job = generate(client, chunks=2)
-    job.result(timeout=PATIENCE)
-    copies = [Path(chunk_file["path"]) for _, chunk_file, _ in job.outputs()[1:]]
+    jobs = []
+    for chunks in (2, 1):  # one after the other: two videos
+        jobs.append(generate(client, chunks=chunks))
+        jobs[-1].result(timeout=PATIENCE)
+    copies = [Path(video["path"]) for job in jobs for _, video, _ in job.outputs() if isinstance(video, dict)
+              and "path" in video]
     assert len(copies) == 2 and all(copy.is_file() for copy in copies)  # served, and kept while the session lives
     bystander = connect()
     kept = generate(bystander, chunks=1)
     kept.result(timeout=PATIENCE)
     client.close()  # the heartbeat ends: Gradio runs unload
-    wait_until(lambda: not any(copy.exists() for copy in copies), "the closed session's chunk copies to go")
+    wait_until(lambda: not any(copy.exists() for copy in copies), "the closed session's video copies to go")
     assert Path(kept.outputs()[-1][1]["path"]).is_file()  # another session's copy stays

@@ -1,91 +1,86 @@
-"""The page in a real browser: upload photos, generate, switch mid-stream, and watch the video play.
+"""The page in a real browser: upload photos, generate, switch mid-stream, and see the new garment on the player.
 
-Playwright drives Debian's chromium (it plays H.264 through MSE; Playwright's own builds may not, and are never
-downloaded here: no `playwright install`). Skipped only when that chromium is missing.
+`python app.py` on `mini` (paced to real time) driven by Playwright and Debian's chromium, through the code of
+`scripts/live_latency.py`, which measures the same things at length. What is on screen is read from the player's
+canvas by colour. Skipped only when that chromium is missing. No timing is asserted: the numbers are printed (and
+live in the README, from the script); what is asserted is that things show up, in the right order.
 """
 
-import re
-import shutil
-import socket
+import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-import app
-from fashionchameleon.serving import StreamService
-from helpers import GARMENTS, REFERENCE
+_spec = importlib.util.spec_from_file_location("live_latency", ROOT / "scripts/live_latency.py")
+live = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(live)
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                  "--autoplay-policy=no-user-gesture-required"]
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+pytestmark = pytest.mark.skipif(not Path(live.CHROMIUM).is_file(),
                                 reason="Debian chromium is not installed (apt-get install chromium)")
-
-GARMENT = GARMENTS[0]
-#: 10 s of video: time to see it play, switch, and see it play on.
-CHUNKS = 20
-#: Milliseconds to wait for the page, the first frames, or a switch (generous: CI machines are slow).
-PATIENCE_MS = 60_000
-#: Seconds of playback that count as "playing" (more than one 0.5 s chunk).
-PLAYED_SECONDS = 1.0
-
-VIDEO_PLAYS = """([after, played]) => {
-  const video = document.querySelector('#video video');
-  return video !== null && video.readyState >= 2 && video.currentTime > after + played;
-}"""
-VIDEO_TIME = "() => document.querySelector('#video video').currentTime"
+A, B = live.SWITCH_PAIR
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    service = StreamService.load("tiny", root=tmp_path_factory.mktemp("streams"))
-    demo = app.build_demo(service)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            **app.LAUNCH_OPTIONS)
-    yield url
-    demo.close()
-    service.shutdown()
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with live.app_server("mini") as url, sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=live.CHROMIUM, headless=True,
+                                              args=live.CHROMIUM_FLAGS)
+        yield chromium, url
+        chromium.close()
 
 
-def test_upload_generate_switch_and_play(url, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_generate_switch_and_a_same_garment_control_on_screen(browser, tmp_path):
+    chromium, url = browser
+    page = live.LivePage(chromium, url)
+    try:
+        first = page.generate(A)
+        page.wait(1.5)
+        to_b = page.switch(B)
+        page.wait(live.GAP_SECONDS)
+        back = page.switch(A)
+        page.wait(live.GAP_SECONDS)
+        control = page.switch(A)  # negative control: A is on screen already
+        page.wait(live.CONTROL_SECONDS)
+        samples, stats = page.samples(), page.stats()
+        shown = [live.shown_garment(s["counts"]) for s in samples]
+        a, b = live.WARDROBE.index(A), live.WARDROBE.index(B)
+        switches = [live.switch_seconds(samples, to_b, b), live.switch_seconds(samples, back, a)]
+        print(f"first frame {first:.2f} s; switches {switches}; stats {stats}")
+        assert shown[0] == a  # the stream starts in garment A, drawn on the canvas
+        assert all(s is not None for s in switches), shown  # each switch shows its garment
+        assert live.changed_seconds(samples, control) is None  # a switch to the same garment registers nothing
+        assert live.changed_seconds(samples, to_b) is not None  # positive control of that detector
+        assert stats["garmentVersion"] == 3
+        assert [s["shown"] for s in samples] == list(range(1, len(samples) + 1))  # every drawn frame was looked at
+        page.page.locator("#status-line").filter(has_text="garment v3").wait_for()
+        page.stop()
+        download = page.page.locator("#stream-file a").first  # the whole stream, playable, once it has ended
+        download.wait_for()
+        assert download.get_attribute("href").endswith("-stream.mp4")
+        assert not [m for m in page.console if m.startswith("error")], page.console
+    finally:
+        page.close()
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(PATIENCE_MS)
-            console = []
-            page.on("console", lambda message: console.append(message.text))
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("noise by design")
 
-            page.locator("#reference input[type=file]").set_input_files(REFERENCE)
-            page.locator("#garment input[type=file]").set_input_files(GARMENT)
-            expect(page.locator("#reference img")).to_be_visible()
-            expect(page.locator("#garment img")).to_be_visible()
-            chunks = page.locator("#chunks input[type=number]")
-            chunks.fill(str(CHUNKS))
-            chunks.press("Enter")
-            page.click("#generate")
-
-            page.wait_for_function(VIDEO_PLAYS, arg=[0, PLAYED_SECONDS])
-            expect(page.locator("#status-line")).to_contain_text("garment v0")
-            expect(page.locator("#status-line")).to_contain_text(f"/ {CHUNKS}")
-
-            page.locator("#wardrobe .thumbnail-item").nth(1).click()  # pick a garment from the wardrobe
-            expect(page.locator("#next-garment img")).to_have_attribute("src", re.compile(Path(GARMENTS[1]).name))
-            page.click("#switch")
-            expect(page.locator("#status-line")).to_contain_text("garment v1")
-            page.wait_for_function(VIDEO_PLAYS, arg=[page.evaluate(VIDEO_TIME), PLAYED_SECONDS])
-
-            page.screenshot(path=tmp_path / "app.png", full_page=True)
-            assert (tmp_path / "app.png").stat().st_size > 0
-            # Fatal only: a loaded machine may stall playback for a moment (hls.js logs that as non-fatal).
-            assert not [m for m in console if m.startswith("HLS error")], console
-        finally:
-            browser.close()
+@pytest.mark.parametrize("viewport", sorted(live.VIEWPORTS))
+def test_video_wardrobe_and_switch_fit_one_screen(browser, viewport, tmp_path):
+    chromium, url = browser
+    page = live.LivePage(chromium, url, live.VIEWPORTS[viewport])
+    try:
+        page.generate(A)
+        page.switch(B)
+        page.wait(1.0)
+        layout = page.layout()
+        page.page.screenshot(path=tmp_path / f"{viewport}.png")
+        print(f"screenshot: {tmp_path / f'{viewport}.png'}; layout {layout}")
+        assert all(box["visible"] for box in layout.values()), layout
+        player = layout["player"]
+        scale = player["width"] / player["frame_width"]
+        assert scale == int(scale) >= 2 and player["height"] == scale * player["frame_height"]  # whole factor
+        assert player["rendering"] == "pixelated"  # nearest neighbour: the small frames stay sharp
+        page.stop()
+    finally:
+        page.close()

@@ -163,7 +163,7 @@ class FakeCopy:
 
 def test_a_chunk_waits_for_its_host_copy_only_for_the_frames():
     copy = FakeCopy()
-    chunk = Chunk(0, torch.zeros(5, 4, 6, 3, dtype=torch.uint8), 0, 0, copied=copy)
+    chunk = Chunk(0, torch.zeros(5, 4, 6, 3, dtype=torch.uint8), 0, 0, 0, copied=copy)
     assert chunk.num_frames == 5 and copy.waits == 0  # the frame count needs no sync
     assert chunk.frames.shape == (5, 4, 6, 3) and chunk.frames.dtype == np.uint8
     assert copy.waits == 2

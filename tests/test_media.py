@@ -440,19 +440,16 @@ def test_video_writer_rejects_odd_and_mismatched_sizes(tmp_path):
     assert not (tmp_path / "unused.mp4").exists()
 
 
-def test_encode_segment_is_self_contained_h264(tmp_path):
-    frames = _frames(12, seed=40)
-    path = media.encode_segment(frames, tmp_path / "seg_0001.mp4", fps=24)
-    assert path == tmp_path / "seg_0001.mp4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg_0001.mp4"]  # no temp file left
-    info = probe_video(path)
-    assert (info.codec, info.frames, info.width, info.height) == ("h264", 12, W, H)
-    data = path.read_bytes()
-    assert data.index(b"moov") < data.index(b"mdat")  # faststart: playable while downloading
-    with av.open(str(path)) as c:
-        packets = [p for p in c.demux(video=0) if p.size]
-    assert len(packets) == 12 and packets[0].is_keyframe  # starts with an IDR: decodable alone
-    assert np.abs(_decode_rgb(path).astype(int) - frames).mean() < 6
+def test_encode_strip_holds_every_frame_top_to_bottom():
+    frames = _frames(3, seed=40)
+    png = Image.open(io.BytesIO(media.encode_strip(frames)))
+    assert (png.format, png.size) == ("PNG", (W, 3 * H))
+    assert np.array_equal(np.asarray(png).reshape(3, H, W, 3), frames)  # exact: small frames are drawn pixel by pixel
+    jpeg = Image.open(io.BytesIO(media.encode_strip(frames, "jpeg")))
+    assert (jpeg.format, jpeg.size) == ("JPEG", (W, 3 * H))
+    assert np.abs(np.asarray(jpeg).reshape(3, H, W, 3).astype(int) - frames).mean() < 12
+    with pytest.raises(ValueError, match="strip format"):
+        media.encode_strip(frames, "gif")
 
 
 # --- shipped example inputs -----------------------------------------------------------------

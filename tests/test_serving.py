@@ -1,6 +1,8 @@
 """The serving layer without Gradio: the file mailbox, pacing, and a stream whose producer runs in a forked
 process the way ZeroGPU runs `spaces.GPU` functions (fork context, arguments and yields pickled)."""
 
+import base64
+import io
 import json
 import multiprocessing
 import os
@@ -14,15 +16,30 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import GARMENTS, REFERENCE, probe_video
+from PIL import Image
 
 from fashionchameleon import media
 from fashionchameleon.engine import Stream
 from fashionchameleon.errors import UserInputError
-from fashionchameleon.serving import DONE, QUEUE_CHUNKS, STOP, STOPPED, STREAMING, SWITCH, ChunkReady, Mailbox, Message
-from fashionchameleon.serving import Pacer, StreamService
-from fashionchameleon.serving import checks
+from fashionchameleon.serving import (
+    DONE,
+    QUEUE_CHUNKS,
+    STOP,
+    STOPPED,
+    STREAMING,
+    SWITCH,
+    SWITCHING,
+    ChunkReady,
+    Mailbox,
+    Message,
+    Pacer,
+    StreamService,
+    StreamVideo,
+    checks,
+    pacing,
+)
 from fashionchameleon.serving.producer import Producer
-from helpers import GARMENTS, REFERENCE, probe_video
 
 GARMENT, NEXT_GARMENT = GARMENTS[:2]
 #: Long enough that only a stop can end the stream within the test (about 20 s of paced video).
@@ -84,6 +101,21 @@ def test_pacer_speed_scales_and_zero_disables():
         pacer.produced(72)  # 3 s of video
     assert fast.delay() == pytest.approx(1.0)  # (3 - 1) s of video at 2x
     assert off.delay() == 0.0
+
+
+def test_pacer_lead_follows_the_slowest_recent_chunk():
+    """The lead is LEAD_FACTOR x the slowest of the last LEAD_WINDOW making times, never below LEAD_MIN_SECONDS: a
+    fast machine keeps little video ahead (a switch shows sooner), a slow one keeps more (no stall)."""
+    clock = FakeClock()
+    pacer = Pacer(fps=12, clock=clock)
+    pacer.produced(3, making_seconds=0.01)
+    assert pacer.lead == pacing.LEAD_MIN_SECONDS
+    pacer.produced(3, making_seconds=0.2)
+    assert pacer.lead == pytest.approx(pacing.LEAD_FACTOR * 0.2)
+    assert pacer.delay() == pytest.approx(0.5 - pacing.LEAD_FACTOR * 0.2)  # 0.5 s made at t = 100
+    for _ in range(pacing.LEAD_WINDOW):
+        pacer.produced(3, making_seconds=0.1)
+    assert pacer.lead == pytest.approx(pacing.LEAD_FACTOR * 0.1)  # the slow chunk has left the window
 
 
 # -- checks ----------------------------------------------------------------------------------------------------------
@@ -199,7 +231,7 @@ class ForkedProducer:
         self.service.set_after_fork = True  # visible to the parent only
         args_queue.put(args)
         try:
-            while isinstance(item := results.get(), ChunkReady):
+            while isinstance(item := results.get(), ChunkReady | StreamVideo):
                 yield item
             self.after_fork_value = item
         finally:
@@ -210,10 +242,16 @@ class ForkedProducer:
 
 def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
     producer = ForkedProducer(service)
-    seen: list[dict] = []
+    seen: list[dict] = []  # statuses of chunks
+    ends: list[tuple[int | None, dict]] = []  # (frames in the video, status) after the chunks
     session = "forked-session"
     stream = service.stream(session, REFERENCE, GARMENT, "", LONG_STREAM, 0, producer=producer, key=KEY)
-    consumer = threading.Thread(target=lambda: seen.extend(status for _, status in stream), daemon=True)
+
+    def consume() -> None:
+        for frames, video, status in stream:  # the video goes once the next update is asked for: probe it now
+            (seen.append(status) if frames is not None else ends.append((video and probe_video(video).frames, status)))
+
+    consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
 
     def wait_for(condition, what: str) -> None:
@@ -230,15 +268,19 @@ def test_forked_producer_gets_switch_and_stop_through_the_mailbox(service):
     # came keep the old garment; the next has the new one.
     assert switched_after < first_new <= switched_after + QUEUE_CHUNKS + 2
     assert all(s["garment_version"] == (1 if s["chunk"] >= first_new else 0) for s in seen)
+    # Until the new garment comes, the statuses say the switch is on its way, not "streaming" with the old one.
+    assert [s["state"] for s in seen if switched_after < s["chunk"] < first_new] == [SWITCHING] * (
+        first_new - switched_after - 1)
 
     stopped_after = service.stop(session, key=KEY)["chunk"]
     consumer.join(PATIENCE)
     assert not consumer.is_alive()
     # Ends within the chunk in flight (marked STOPPED if the stop came while it was being made).
     assert seen[-1]["chunk"] <= stopped_after + QUEUE_CHUNKS + 1 < LONG_STREAM
-    # The last status says stopped: that of the chunk made when the stop came, or one without a segment after it.
-    assert all(s["state"] == STREAMING for s in seen[:-1]) and seen[-1]["state"] == STOPPED
-    assert [s["chunk"] for s in seen[:-1]] == list(range(len(seen) - 1))
+    # The whole stream's video comes last; the last status says stopped.
+    assert all(s["state"] in (STREAMING, SWITCHING) for s in seen[:-1]) and ends[-1][1]["state"] == STOPPED
+    assert [s["chunk"] for s in seen] == list(range(len(seen)))
+    assert [frames for frames, _ in ends] == [len(seen) * 12 - 3]  # the whole stream: 9 frames, then 12 a chunk
     assert producer.after_fork_value is None, "the worker saw parent memory written after the fork"
     assert len(service.sessions) == 0
     assert os.listdir(service.chunk_root) == [] and os.listdir(service.mailbox.root) == []
@@ -277,13 +319,27 @@ def test_a_forked_worker_makes_its_locks_afresh(service, monkeypatch):
     assert locks_in_a_forked_child(service) == (False, False)
 
 
-def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
+def test_chunks_come_as_strips_and_the_stream_as_one_h264_mp4(service):
     stream = service.stream("plain-session", REFERENCE, GARMENT, "", 2, 0, key=KEY)
-    path, status = next(stream)
-    info = probe_video(path)
-    assert (info.codec, info.frames, info.width, info.height) == ("h264", 9, 64, 96)
-    ready = ChunkReady(path, 0, 9, 0, 10.0, DONE)
+    updates = [(f, v and probe_video(v), s) for f, v, s in stream]  # the video goes when the next update is asked for
+    frames = [f for f, _, _ in updates if f is not None]
+    assert [(f["chunk"], f["frames"], f["fps"], f["garment_version"]) for f in frames] == [
+        (0, 9, 24, 0), (1, 12, 24, 0)]
+    for chunk in frames:
+        header, data = chunk["image"].split(",", 1)
+        strip = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert header == "data:image/png;base64" and strip.size == (64, 96 * chunk["frames"])
+    (video, status), = [(v, s) for f, v, s in updates if f is None]  # the last update: the whole stream
+    assert updates[-1][1] == video and status["state"] == DONE
+    assert (video.codec, video.frames, video.width, video.height) == ("h264", 21, 64, 96)
+    ready = ChunkReady(b"strip", 0, 9, 0, 0, 10.0, DONE)
     assert pickle.loads(pickle.dumps(ready)) == ready
+    assert os.listdir(service.chunk_root) == []  # gone once the consumer asked past the video
+
+
+def test_leaving_early_removes_the_streams_files(service):
+    stream = service.stream("plain-session", REFERENCE, GARMENT, "", LONG_STREAM, 0, key=KEY)
+    next(stream)
     stream.close()  # leaving early: the producer ends and the folder goes
     deadline = time.monotonic() + PATIENCE
     while os.listdir(service.chunk_root) and time.monotonic() < deadline:
@@ -296,7 +352,8 @@ def test_chunk_ready_pickles_and_segments_are_h264(service, tmp_path):
 def unpaced(service):
     """An unpaced producer on the service's model with its own thread set, and a stream id with mailbox and folder."""
     threads: set[threading.Thread] = set()
-    producer = Producer(service.engine, service.mailbox, service.sessions.folders, threads, fps=service.fps, pacing=0)
+    producer = Producer(service.engine, service.mailbox, service.sessions.folders, threads, fps=service.fps, pacing=0,
+                        strip_format="png")
     stream_id = uuid.uuid4().hex
     service.mailbox.open(stream_id)
     service.sessions.folders.create(stream_id)
@@ -312,10 +369,10 @@ def all_ended(threads: set[threading.Thread]) -> bool:
 
 
 def record(monkeypatch, generate=None, encode=None) -> list[tuple[str, int]]:
-    """Log ("generate", k) when the engine starts chunk k and ("encoded", k) when segment k is written; `generate`
+    """Log ("generate", k) when the engine starts chunk k and ("encoded", k) when strip k is made; `generate`
     and `encode` run first with k (to wait or to raise)."""
     events: list[tuple[str, int]] = []
-    original_next, original_encode = Stream.__next__, media.encode_segment
+    original_next, original_encode = Stream.__next__, media.encode_strip
 
     def next_chunk(stream):
         events.append(("generate", stream.chunk_index))
@@ -323,16 +380,16 @@ def record(monkeypatch, generate=None, encode=None) -> list[tuple[str, int]]:
             generate(stream.chunk_index)
         return original_next(stream)
 
-    def encode_segment(frames, path, fps):
-        index = int(Path(path).stem.rsplit("-", 1)[1])  # <stream id>-<index>.mp4
+    def encode_strip(frames, image_format):
+        index = sum(kind == "encoded" for kind, _ in events)  # strips are made in chunk order
         if encode:
             encode(index)
-        path = original_encode(frames, path, fps)
+        strip = original_encode(frames, image_format)
         events.append(("encoded", index))
-        return path
+        return strip
 
     monkeypatch.setattr(Stream, "__next__", next_chunk)
-    monkeypatch.setattr(media, "encode_segment", encode_segment)
+    monkeypatch.setattr(media, "encode_strip", encode_strip)
     return events
 
 
@@ -347,12 +404,13 @@ def test_the_engine_makes_the_next_chunk_while_the_previous_is_encoded(unpaced, 
             second_started.wait(NEVER)
 
     events = record(monkeypatch, generate=lambda k: k == 1 and second_started.set(), encode=encode)
-    ready = list(producer.produce(stream_id, REFERENCE, GARMENT, "", 0, 3))
+    *ready, video = producer.produce(stream_id, REFERENCE, GARMENT, "", 0, 3)
     assert running == ["encode", "stream"]
     assert events.index(("generate", 1)) < events.index(("encoded", 0))  # chunk 0's encoding did not hold the engine
     assert [(r.index, r.frames, r.state) for r in ready] == [(0, 9, STREAMING), (1, 12, STREAMING), (2, 12, DONE)]
-    assert [probe_video(r.path).frames for r in ready] == [9, 12, 12]
+    assert [Image.open(io.BytesIO(r.strip)).height for r in ready] == [96 * 9, 96 * 12, 96 * 12]
     assert all(r.fps > 0 for r in ready)
+    assert probe_video(video.path).frames == 33
     assert all_ended(threads)
 
 

@@ -1,5 +1,5 @@
 """The GPU plane: per stream, an engine thread that generates paced chunks and an encoder thread that turns each into
-an H.264 mp4 segment, so the GPU does not wait while a chunk is encoded."""
+an image strip for the page's player and appends it to the stream's H.264 mp4, so the GPU does not wait for either."""
 
 from __future__ import annotations
 
@@ -31,15 +31,24 @@ POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class ChunkReady:
-    """One encoded chunk (picklable: it crosses the ZeroGPU worker's pipe)."""
+    """One chunk ready to show (picklable: it crosses the ZeroGPU worker's pipe)."""
 
-    path: str  # H.264 mp4 segment; the main plane deletes it once Gradio has copied it
+    strip: bytes  # its frames stacked top to bottom as one image file (`media.encode_strip`)
     index: int
     frames: int
     garment_version: int
+    switch_requests: int  # switch requests it follows (`Chunk.switch_requests`): fewer than asked = one is pending
     fps: float  # frames per second of busy time: generating or encoding, overlaps counted once, waits not counted
     state: str  # DONE on the last chunk, STOPPED if a stop came while it was made, else STREAMING
     removed_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamVideo:
+    """The whole stream as one H.264 mp4, finished after its last chunk; the main plane deletes it once Gradio has
+    copied it."""
+
+    path: str
 
 
 @dataclass(frozen=True)
@@ -60,30 +69,32 @@ class Producer(ForkSafe):
     GPU, one model), so concurrent streams interleave chunk by chunk. Encoders are per stream, not shared: one
     stream's encoding never delays another's chunks, and a stream's threads end together.
 
-    `pacing` is the playback speed output is paced to (see `Pacer`). Each thread is in `threads` while it runs, so
-    that the owner can wait for it at shutdown.
+    `pacing` is the playback speed output is paced to (see `Pacer`); `strip_format` is the image format of the strips
+    (`media.STRIP_FORMATS`). Each thread is in `threads` while it runs, so that the owner can wait for it at shutdown.
     """
 
     def __init__(self, engine: StreamingEngine, mailbox: Mailbox, folders: ChunkFolders,
-                 threads: set[threading.Thread], *, fps: int, pacing: float) -> None:
+                 threads: set[threading.Thread], *, fps: int, pacing: float, strip_format: str) -> None:
         self.engine = engine
         self.mailbox = mailbox
         self.folders = folders
         self.threads = threads  # set.add/discard are atomic
         self.fps = fps
         self.pacing = pacing
+        self.strip_format = strip_format
         super().__init__()
 
     def _reset_locks(self) -> None:
         self._model_lock = threading.Lock()
 
     def produce(self, stream_id: str, reference: str, garment: str, prompt: str, seed: int,
-                chunks: int) -> Iterator[ChunkReady]:
-        """Make the stream's chunks, reading switch/stop from the mailbox at chunk boundaries.
+                chunks: int) -> Iterator[ChunkReady | StreamVideo]:
+        """Make the stream's chunks, reading switch/stop from the mailbox at chunk boundaries, then its whole video.
 
-        Runs in-process or in a forked ZeroGPU worker, so it takes only plain values and yields only `ChunkReady`s.
+        Runs in-process or in a forked ZeroGPU worker, so it takes only plain values and yields only `ChunkReady`s
+        and, last, a `StreamVideo` (when any frame was made).
         The whole stream (KV cache included) lives inside this one call. The engine thread generates chunks and
-        hands them to the encoder thread, which puts the segments into a small queue, so generation overlaps encoding
+        hands them to the encoder thread, which puts the strips into a small queue, so generation overlaps encoding
         and Gradio's muxing; closing this generator tells both threads to finish at their next boundary without
         waiting for them.
         """
@@ -105,7 +116,8 @@ class Producer(ForkSafe):
             while (item := out.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                slots.release()
+                if isinstance(item, ChunkReady):
+                    slots.release()
                 yield item
         finally:
             closed.set()
@@ -141,39 +153,49 @@ class Producer(ForkSafe):
                 state = DONE
             else:
                 state = STOPPED if stream.stopped else STREAMING
-            pacer.produced(chunk.num_frames)
+            pacer.produced(chunk.num_frames, time.monotonic() - started)
             made.put(_Made(chunk, state, started, tuple(stream.removed_words)))
             if state != STREAMING:
                 return
 
     def _encode(self, stream_id: str, made: queue.SimpleQueue, out: queue.Queue, closed: threading.Event) -> None:
-        """The encoder thread: each chunk from `made` becomes a segment, handed over in order with the errors that
-        come through `made`. It is the folder's last writer, so it releases the folder."""
+        """The encoder thread: each chunk from `made` becomes a strip, handed over in order with the errors that come
+        through `made`, and then goes into the stream's mp4, handed over once the stream has ended. It is the folder's
+        last writer, so it releases the folder."""
         def consumer_gone() -> bool:
             return closed.is_set() or not self.mailbox.exists(stream_id)
 
         busy_seconds, busy_until, frames_made = 0.0, 0.0, 0
+        video = media.VideoWriter(self.folders.video(stream_id), self.fps)
         try:
             while (item := made.get()) is not _END:
+                frames = None
                 if isinstance(item, _Made):
                     if consumer_gone():  # nobody will play it
                         return
-                    chunk = item.chunk
-                    path = media.encode_segment(chunk.frames, self.folders.segment(stream_id, chunk.index), self.fps)
-                    # Busy time: the union of each chunk's span from its turn to its segment (the spans overlap).
+                    chunk, frames = item.chunk, item.chunk.frames
+                    strip = media.encode_strip(frames, self.strip_format)
+                    # Busy time: the union of each chunk's span from its turn to its strip (the spans overlap).
                     finished = time.monotonic()
                     busy_seconds += finished - max(item.started, busy_until)
                     busy_until = finished
                     frames_made += chunk.num_frames
-                    item = ChunkReady(str(path), chunk.index, chunk.num_frames, chunk.garment_version,
-                                      frames_made / busy_seconds, item.state, item.removed_words)
-                # A segment is for a viewer; an error is for whoever still reads, as the engine thread used to offer it.
+                    item = ChunkReady(strip, chunk.index, chunk.num_frames, chunk.garment_version,
+                                      chunk.switch_requests, frames_made / busy_seconds, item.state,
+                                      item.removed_words)
+                # A strip is for a viewer; an error is for whoever still reads, as the engine thread used to offer it.
                 if not _offer(out, item, consumer_gone if isinstance(item, ChunkReady) else closed.is_set):
                     return
+                if frames is not None:  # after the hand-over: the viewer does not wait for the mp4
+                    video.write(frames)
+            video.close()
+            if video.frames_written:
+                _offer(out, StreamVideo(str(video.path)), consumer_gone)
         except Exception as error:
             logger.exception("stream %s: encoding failed", stream_id[:8])
             _offer(out, error, closed.is_set)
         finally:
+            video.close()
             self.folders.release(stream_id, PRODUCER)
             _offer(out, _END, closed.is_set)
             self.threads.discard(threading.current_thread())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -15,9 +16,9 @@ from ..errors import UserInputError
 from ..presets import Preset, load_preset
 from . import budget, checks
 from .mailbox import STOP, SWITCH, Mailbox, Message
-from .producer import ChunkReady, Producer
+from .producer import ChunkReady, Producer, StreamVideo
 from .sessions import ChunkFolders, SessionRegistry, SessionStream
-from .states import DONE, IDLE, STOPPED, STOPPING, SWITCHING
+from .states import DONE, IDLE, STOPPED, STOPPING, STREAMING, SWITCHING
 
 #: How long shutdown waits for an engine thread to finish its chunk.
 SHUTDOWN_SECONDS = 10.0
@@ -42,7 +43,8 @@ class StreamService:
         self.sessions = SessionRegistry(self.mailbox, folders)
         self._decodes = checks.DecodeSlots()  # image checks of all sessions share these
         self._threads: set[threading.Thread] = set()  # engine and encoder threads in this process
-        self._producer = Producer(engine, self.mailbox, folders, self._threads, fps=self.fps, pacing=pacing)
+        self._producer = Producer(engine, self.mailbox, folders, self._threads, fps=self.fps, pacing=pacing,
+                                  strip_format=preset.serving.strip_format)
 
     @classmethod
     def load(cls, preset_name: str, checkpoint: str | None = None, device: str | None = None,
@@ -96,42 +98,43 @@ class StreamService:
         prompt: str,
         chunks: int,
         seed: int,
-        producer: Callable[..., Iterator[ChunkReady]] | None = None,
+        producer: Callable[..., Iterator[ChunkReady | StreamVideo]] | None = None,
         *,
         key: str,
-    ) -> Iterator[tuple[str | None, dict]]:
-        """Run one stream for `session` and yield (segment path, status) per chunk, then (None, status) if it ended
-        by a stop that no chunk carried, so that the last status always says how the stream ended.
+    ) -> Iterator[tuple[dict | None, str | None, dict]]:
+        """Run one stream for `session` and yield (frames, None, status) per chunk (`frames`: see `_frames`), then
+        (None, mp4 path, status) for the whole stream's video once it has ended, and (None, None, status) if it ended
+        by a stop that nothing carried, so that the last status always says how the stream ended.
 
         `producer` is `produce` as the app wrapped it (`spaces.GPU`); call this inside the Gradio handler so the
         ZeroGPU scheduler sees the user's request. Inputs must have passed `check_image`/`check_request`/`check_key`;
-        `switch` and `stop` must send `key` again. A new stream stops the session's previous one. Each segment file is
-        deleted when the next is asked for (Gradio has copied it by then). Leaving early (disconnect, cancel) only removes the mailbox, which the producer
-        reads as stop, and marks the folder: nothing here waits for the engine, since this cleanup runs on the
-        server's event loop (under ZeroGPU, `spaces` itself waits for the worker's current chunk).
+        `switch` and `stop` must send `key` again. A new stream stops the session's previous one. The stream's files
+        are deleted when the next value is asked for after the video (Gradio has copied it by then). Leaving early
+        (disconnect, cancel) only removes the mailbox, which the producer reads as stop, and marks the folder: nothing
+        here waits for the engine, since this cleanup runs on the server's event loop (under ZeroGPU, `spaces` itself
+        waits for the worker's current chunk).
         """
         stream_id = self.sessions.open(session, key)
         items = (producer or self.produce)(stream_id, reference, garment, prompt, seed, chunks)
         producer_ended = False
-        previous: str | None = None
         garment_version: int | None = None
         status: dict = {}
         try:
-            for ready in items:
-                if previous is not None:
-                    Path(previous).unlink(missing_ok=True)
-                if ready.garment_version != garment_version:  # first chunk or new garment: its photos are freed by now
-                    garment_version = ready.garment_version
+            for item in items:
+                if isinstance(item, StreamVideo):
+                    status = _ended(status)
+                    yield None, item.path, status
+                    continue
+                if item.garment_version != garment_version:  # first chunk or new garment: its photos are freed by now
+                    garment_version = item.garment_version
                     checks.give_back_memory()
-                status = self._status(ready, chunks)
+                status = self._status(item, chunks, self.sessions.switches_asked(session, stream_id))
                 self.sessions.set_status(session, stream_id, status)
-                yield ready.path, status
-                previous = ready.path
+                yield self._frames(item), None, status
             producer_ended = True
             if status.get("state") not in (DONE, STOPPED):
-                # Stopped while waiting for its next turn (pacing, or a new stream replaced it): no chunk was being
-                # made to carry the stop, so the viewer hears it from a status without a segment.
-                yield None, {**status, "state": STOPPED}
+                # Stopped before any chunk or video could carry it (a new stream replaced it while it started).
+                yield None, None, _ended(status)
         except Exception:
             producer_ended = True  # the producer raised, so it has ended
             raise
@@ -147,6 +150,8 @@ class StreamService:
             raise UserInputError("No stream is running in this session; press Generate first.")
         notes = self.check_image(garment, "new garment photo")
         current = self._stream_of(session, key)  # again: the stream may have ended while the photo was checked
+        if current is not None:
+            self.sessions.count_switch(session, current.stream_id)  # before posting: a chunk can follow it at once
         if current is None or not self._post(current.stream_id, Message(SWITCH, garment=garment)):
             raise UserInputError("The stream has just ended; press Generate to start a new one.")
         return {**current.status, "state": SWITCHING}, notes
@@ -191,9 +196,10 @@ class StreamService:
             thread.join(SHUTDOWN_SECONDS)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _status(self, ready: ChunkReady, chunks: int) -> dict:
+    def _status(self, ready: ChunkReady, chunks: int, switches_asked: int) -> dict:
+        pending = ready.state == STREAMING and ready.switch_requests < switches_asked
         return {
-            "state": ready.state,
+            "state": SWITCHING if pending else ready.state,  # until a chunk with the new garment comes
             "chunk": ready.index,
             "chunks": chunks,
             "frames": ready.frames,
@@ -205,9 +211,26 @@ class StreamService:
             "streams": len(self.sessions),  # streams sharing the model right now (their chunks interleave)
         }
 
+    def _frames(self, ready: ChunkReady) -> dict:
+        """What the page's player draws: the chunk's strip as a data URL (no file in Gradio's cache, no second
+        request), with what it needs to cut and time the frames."""
+        encoded = base64.b64encode(ready.strip).decode("ascii")
+        return {
+            "chunk": ready.index,
+            "frames": ready.frames,
+            "fps": self.fps,
+            "garment_version": ready.garment_version,
+            "image": f"data:image/{self.preset.serving.strip_format};base64,{encoded}",
+        }
+
     # -- GPU plane ---------------------------------------------------------------------------------------------
     def produce(self, stream_id: str, reference: str, garment: str, prompt: str, seed: int,
-                chunks: int) -> Iterator[ChunkReady]:
+                chunks: int) -> Iterator[ChunkReady | StreamVideo]:
         """The GPU plane (`Producer.produce`): what the app wraps in `spaces.GPU`. A generator function itself, so
         that `spaces` streams its yields from the worker."""
         yield from self._producer.produce(stream_id, reference, garment, prompt, seed, chunks)
+
+
+def _ended(status: dict) -> dict:
+    """`status` as the stream's last: a stream that ended before its last chunk was stopped."""
+    return status if status.get("state") in (DONE, STOPPED) else {**status, "state": STOPPED}

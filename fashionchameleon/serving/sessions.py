@@ -20,10 +20,10 @@ PRODUCER, CONSUMER = "producer", "consumer"
 
 
 class ChunkFolders:
-    """One folder of mp4 segments per stream under `root`.
+    """One folder per stream under `root`, for its mp4.
 
-    The producer writes a stream's folder and the consumer reads it (deleting each segment once Gradio has copied
-    it); they may be in different processes, so they hand the folder over with marker files rather than waiting.
+    The producer writes a stream's folder and the consumer reads it (the folder goes once Gradio has copied the mp4);
+    they may be in different processes, so they hand the folder over with marker files rather than waiting.
     """
 
     def __init__(self, root: Path) -> None:
@@ -36,14 +36,14 @@ class ChunkFolders:
     def create(self, stream_id: str) -> None:
         self.path(stream_id).mkdir()
 
-    def segment(self, stream_id: str, index: int) -> Path:
-        """Where the stream's chunk `index` goes. The name carries the stream id because Gradio's cache keeps the name
-        of each file it copies (`<cache>/<content hash>/<name>`): `delete_copies` finds the stream's copies by it."""
-        return self.path(stream_id) / f"{stream_id}-{index:05d}.mp4"
+    def video(self, stream_id: str) -> Path:
+        """Where the stream's mp4 goes. The name carries the stream id because Gradio's cache keeps the name of each
+        file it copies (`<cache>/<content hash>/<name>`): `delete_copies` finds the stream's copies by it."""
+        return self.path(stream_id) / f"{stream_id}-stream.mp4"
 
     @staticmethod
     def delete_copies(stream_id: str, cache: Path) -> None:
-        """Delete the copies Gradio made in `cache` of the stream's segments (and their folders, once empty)."""
+        """Delete the copies Gradio made in `cache` of the stream's files (and their folders, once empty)."""
         for copy in cache.glob(f"*/{stream_id}-*.mp4"):
             copy.unlink(missing_ok=True)
             try:
@@ -74,6 +74,7 @@ class SessionStream:
     stream_id: str
     key: str  # what stop and switch must send (the session hash is in every stream URL)
     status: dict = field(default_factory=dict)
+    switches_asked: int = 0  # switch requests posted to it
 
     def opens_with(self, key: object) -> bool:
         """Whether `key` is this stream's key (compared in constant time)."""
@@ -118,6 +119,16 @@ class SessionRegistry(ForkSafe):
     def get(self, session: str) -> SessionStream | None:
         with self._lock:
             return self._sessions.get(session)
+
+    def count_switch(self, session: str, stream_id: str) -> None:
+        """One more switch request for `stream_id`, counted before it is posted."""
+        with self._lock:
+            if self._runs(session, stream_id):
+                self._sessions[session].switches_asked += 1
+
+    def switches_asked(self, session: str, stream_id: str) -> int:
+        with self._lock:
+            return self._sessions[session].switches_asked if self._runs(session, stream_id) else 0
 
     def set_status(self, session: str, stream_id: str, status: dict) -> None:
         """Record the status of `stream_id`'s latest chunk, unless the session has moved on to another stream."""

@@ -1,0 +1,110 @@
+// The page's player: draws each chunk's frames on a canvas at the stream's frame rate as soon as the chunk arrives.
+//
+// app.py puts this file into the page's <head>. Each chunk reaches the page as the `frames` output of /generate (one
+// image of the chunk's frames stacked top to bottom, as a data URL) and its change event calls `push`. Frames play on
+// a clock that starts at the first frame; a frame that arrives after its time is shown at once and the clock moves on
+// from it (a stall, counted). Small frames are scaled by a whole factor with nearest-neighbour sampling.
+window.FashionChameleonPlayer = (() => {
+  const MAX_HEIGHT_SHARE = 0.34; // of the window's height: the wardrobe and Switch stay in view below the video
+  const state = {
+    canvas: null, fps: 12, frames: [], clock: null, played: 0, decoding: Promise.resolve(), generation: 0,
+    stats: null, width: 0, height: 0,
+  };
+
+  function resetStats() {
+    // Read by the browser test: times are performance.now() of this page.
+    state.stats = {chunks: 0, framesShown: 0, stalls: 0, stallMs: 0, firstFrameAt: null, garmentVersion: null};
+  }
+  resetStats();
+
+  function canvas() {
+    if (!state.canvas || !state.canvas.isConnected) {
+      state.canvas = document.querySelector("#player-canvas");
+      if (state.canvas) new ResizeObserver(fit).observe(state.canvas.parentElement);
+    }
+    return state.canvas;
+  }
+
+  // Scale the canvas box: a whole factor with square pixels when the frames are smaller than the room, else fit.
+  function fit() {
+    const c = canvas();
+    if (!c || !state.width) return;
+    const room = c.parentElement.clientWidth;
+    const maxHeight = Math.max(state.height, window.innerHeight * MAX_HEIGHT_SHARE);
+    let scale = Math.min(room / state.width, maxHeight / state.height);
+    const pixelated = scale >= 1;
+    if (pixelated) scale = Math.floor(scale);
+    c.style.width = `${Math.round(state.width * scale)}px`;
+    c.style.height = `${Math.round(state.height * scale)}px`;
+    c.style.imageRendering = pixelated ? "pixelated" : "auto";
+  }
+  window.addEventListener("resize", fit);
+
+  async function decode(chunk, generation) {
+    const image = new Image();
+    image.src = chunk.image;
+    await image.decode();
+    if (generation !== state.generation) return; // a newer stream has started
+    const width = image.naturalWidth, height = image.naturalHeight / chunk.frames;
+    const bitmaps = await Promise.all(
+      Array.from({length: chunk.frames}, (_, i) => createImageBitmap(image, 0, i * height, width, height)));
+    if (generation !== state.generation) return;
+    const c = canvas();
+    if (c && (c.width !== width || c.height !== height)) {
+      c.width = width; c.height = height;
+    }
+    if (width !== state.width || height !== state.height) {
+      state.width = width; state.height = height; fit();
+    }
+    state.fps = chunk.fps;
+    state.stats.chunks += 1;
+    for (const bitmap of bitmaps) state.frames.push({bitmap, garmentVersion: chunk.garment_version});
+  }
+
+  function draw(frame, now) {
+    const c = canvas();
+    if (!c) return;
+    c.getContext("2d").drawImage(frame.bitmap, 0, 0);
+    frame.bitmap.close();
+    c.parentElement.classList.add("playing");
+    const stats = state.stats;
+    stats.framesShown += 1;
+    stats.garmentVersion = frame.garmentVersion;
+    if (stats.firstFrameAt === null) stats.firstFrameAt = now;
+  }
+
+  function tick(now) {
+    if (state.frames.length) {
+      const period = 1000 / state.fps;
+      if (state.clock === null) state.clock = now; // the first frame is due now
+      const late = now - (state.clock + state.played * period);
+      if (late >= 0) {
+        if (state.played > 0 && late > period) { // it came after its time: a stall, and the clock moves on from it
+          state.stats.stalls += 1;
+          state.stats.stallMs += late;
+          state.clock += late;
+        }
+        draw(state.frames.shift(), now);
+        state.played += 1;
+      }
+    }
+    requestAnimationFrame(tick);
+  }
+  requestAnimationFrame(tick);
+
+  return {
+    // One chunk of /generate's `frames` output; chunk 0 starts a new stream.
+    push(chunk) {
+      if (!chunk || !chunk.image) return;
+      if (chunk.chunk === 0) {
+        state.generation += 1;
+        for (const frame of state.frames) frame.bitmap.close();
+        state.frames = []; state.clock = null; state.played = 0;
+        resetStats();
+      }
+      const generation = state.generation;
+      state.decoding = state.decoding.then(() => decode(chunk, generation)).catch((e) => console.error(e));
+    },
+    get stats() { return state.stats; },
+  };
+})();
