@@ -8,12 +8,13 @@ window.FashionChameleonPlayer = (() => {
   const MAX_HEIGHT_SHARE = 0.34; // of the window's height: the wardrobe and Switch stay in view below the video
   const state = {
     canvas: null, fps: 12, frames: [], clock: null, played: 0, decoding: Promise.resolve(), generation: 0,
-    stats: null, width: 0, height: 0,
+    stream: null, lastChunk: -1, stats: null, width: 0, height: 0,
   };
 
   function resetStats() {
     // Read by the browser test: times are performance.now() of this page.
-    state.stats = {chunks: 0, framesShown: 0, stalls: 0, stallMs: 0, firstFrameAt: null, garmentVersion: null};
+    state.stats = {chunks: 0, framesShown: 0, stalls: 0, stallMs: 0, firstFrameAt: null, garmentVersion: null,
+                   repeats: 0};
   }
   resetStats();
 
@@ -30,8 +31,7 @@ window.FashionChameleonPlayer = (() => {
     const c = canvas();
     if (!c || !state.width) return;
     const room = c.parentElement.clientWidth;
-    const maxHeight = Math.max(state.height, window.innerHeight * MAX_HEIGHT_SHARE);
-    let scale = Math.min(room / state.width, maxHeight / state.height);
+    let scale = Math.min(room / state.width, window.innerHeight * MAX_HEIGHT_SHARE / state.height);
     const pixelated = scale >= 1;
     if (pixelated) scale = Math.floor(scale);
     c.style.width = `${Math.round(state.width * scale)}px`;
@@ -40,15 +40,12 @@ window.FashionChameleonPlayer = (() => {
   }
   window.addEventListener("resize", fit);
 
+  // One decode per chunk, off the main thread (a Blob to createImageBitmap); frames are drawn from the decoded strip
+  // by source rectangle, so nothing is cropped or copied per frame.
   async function decode(chunk, generation) {
-    const image = new Image();
-    image.src = chunk.image;
-    await image.decode();
-    if (generation !== state.generation) return; // a newer stream has started
-    const width = image.naturalWidth, height = image.naturalHeight / chunk.frames;
-    const bitmaps = await Promise.all(
-      Array.from({length: chunk.frames}, (_, i) => createImageBitmap(image, 0, i * height, width, height)));
-    if (generation !== state.generation) return;
+    const strip = await createImageBitmap(await (await fetch(chunk.image)).blob());
+    if (generation !== state.generation) { strip.close(); return; } // a newer stream has started
+    const width = strip.width, height = strip.height / chunk.frames;
     const c = canvas();
     if (c && (c.width !== width || c.height !== height)) {
       c.width = width; c.height = height;
@@ -58,14 +55,16 @@ window.FashionChameleonPlayer = (() => {
     }
     state.fps = chunk.fps;
     state.stats.chunks += 1;
-    for (const bitmap of bitmaps) state.frames.push({bitmap, garmentVersion: chunk.garment_version});
+    for (let i = 0; i < chunk.frames; i++) {
+      state.frames.push({strip, y: i * height, last: i === chunk.frames - 1, garmentVersion: chunk.garment_version});
+    }
   }
 
   function draw(frame, now) {
     const c = canvas();
     if (!c) return;
-    c.getContext("2d").drawImage(frame.bitmap, 0, 0);
-    frame.bitmap.close();
+    c.getContext("2d").drawImage(frame.strip, 0, frame.y, c.width, c.height, 0, 0, c.width, c.height);
+    if (frame.last) frame.strip.close();
     c.parentElement.classList.add("playing");
     const stats = state.stats;
     stats.framesShown += 1;
@@ -93,15 +92,18 @@ window.FashionChameleonPlayer = (() => {
   requestAnimationFrame(tick);
 
   return {
-    // One chunk of /generate's `frames` output; chunk 0 starts a new stream.
+    // One chunk of /generate's `frames` output. A new `stream` id starts over; a chunk already pushed is ignored
+    // (Gradio may fire the change event again with the same value, e.g. when the event completes).
     push(chunk) {
       if (!chunk || !chunk.image) return;
-      if (chunk.chunk === 0) {
-        state.generation += 1;
-        for (const frame of state.frames) frame.bitmap.close();
+      if (chunk.stream !== state.stream) {
+        state.stream = chunk.stream; state.generation += 1; state.lastChunk = -1;
+        for (const frame of state.frames) if (frame.last) frame.strip.close();
         state.frames = []; state.clock = null; state.played = 0;
         resetStats();
       }
+      if (chunk.chunk <= state.lastChunk) { state.stats.repeats += 1; return; }
+      state.lastChunk = chunk.chunk;
       const generation = state.generation;
       state.decoding = state.decoding.then(() => decode(chunk, generation)).catch((e) => console.error(e));
     },

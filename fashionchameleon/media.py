@@ -491,8 +491,9 @@ class VideoWriter:
 
 
 #: Image formats a chunk's strip may use, with the options PIL writes them with: PNG keeps small frames exact at a
-#: fast zlib level; JPEG keeps large frames (the 5B's 704 x 1280) to about a tenth of PNG's bytes.
-STRIP_FORMATS = {"png": {"format": "PNG", "compress_level": 1}, "jpeg": {"format": "JPEG", "quality": 90}}
+#: fast zlib level; JPEG keeps large frames (the 5B's 704 x 1280) to about a tenth of PNG's bytes (still 50-70 KB a
+#: frame at 704 x 1280; H.264 decoded by the browser's WebCodecs would take about a tenth of that).
+STRIP_FORMATS = {"png": {"format": "PNG", "compress_level": 1}, "jpeg": {"format": "JPEG", "quality": 80}}
 
 
 def encode_strip(frames: np.ndarray, image_format: str = "png") -> bytes:

@@ -154,6 +154,7 @@ def test_stream_yields_each_chunks_frames_then_the_whole_mp4(connect, server):
     starting, *updates, (_, video, end) = job.outputs()
     assert starting[1:] == (None, {"state": STARTING})  # no video yet (a previous stream's goes)
     assert len(updates) == chunks and all(is_chunk(frames) for frames, _, _ in updates)
+    assert len({frames["stream"] for frames, _, _ in updates}) == 1  # how the page's player tells streams apart
     config = service.preset.stream
     for i, (frames, _, status) in enumerate(updates):
         count = 9 if i == 0 else 12

@@ -22,6 +22,8 @@ from .states import DONE, IDLE, STOPPED, STOPPING, STREAMING, SWITCHING
 
 #: How long shutdown waits for an engine thread to finish its chunk.
 SHUTDOWN_SECONDS = 10.0
+#: Characters of the stream id the page's player gets, to tell one stream's chunks from the next one's.
+STREAM_TAG_CHARS = 8
 
 
 class StreamService:
@@ -130,7 +132,7 @@ class StreamService:
                     checks.give_back_memory()
                 status = self._status(item, chunks, self.sessions.switches_asked(session, stream_id))
                 self.sessions.set_status(session, stream_id, status)
-                yield self._frames(item), None, status
+                yield self._frames(item, stream_id), None, status
             producer_ended = True
             if status.get("state") not in (DONE, STOPPED):
                 # Stopped before any chunk or video could carry it (a new stream replaced it while it started).
@@ -211,11 +213,12 @@ class StreamService:
             "streams": len(self.sessions),  # streams sharing the model right now (their chunks interleave)
         }
 
-    def _frames(self, ready: ChunkReady) -> dict:
+    def _frames(self, ready: ChunkReady, stream_id: str) -> dict:
         """What the page's player draws: the chunk's strip as a data URL (no file in Gradio's cache, no second
-        request), with what it needs to cut and time the frames."""
+        request), with what it needs to cut and time the frames and to tell streams apart."""
         encoded = base64.b64encode(ready.strip).decode("ascii")
         return {
+            "stream": stream_id[:STREAM_TAG_CHARS],
             "chunk": ready.index,
             "frames": ready.frames,
             "fps": self.fps,
