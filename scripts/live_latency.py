@@ -15,7 +15,8 @@ wardrobe garment's colours; a frame shows garment g when g has the most such pix
 
 Each stream switches between two plain garments of the wardrobe (`SWITCH_PAIR`), whose colours the mini model
 renders apart, with `GAP_SECONDS` between clicks, and back (see `one_stream`). Results: one JSON with every stream's
-numbers and the summary; `--screenshots` also writes the page at 1280 x 800 and 390 x 844 while it plays. `tests/test_browser.py` runs the same code, shorter.
+numbers and the summary; `--screenshots` also writes the page at 1280 x 800 and 390 x 844 while it plays.
+`tests/test_browser.py` runs the same code, shorter.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Two planes:
   which runs each call in a worker process *forked* from the server and holding a GPU for as long as the call asked
   for (`budget`). After the fork the worker shares nothing in memory with the main plane: it gets plain arguments,
   yields picklable `ChunkReady`s (and a last `StreamVideo`), and reads switch/stop requests from a `Mailbox` of files
-  that both processes see. Locks are made afresh in the worker (`locks`). Off ZeroGPU the same code runs in-process, unchanged.
+  that both processes see. Locks are made afresh in the worker (`locks`). Off ZeroGPU the same code runs in-process,
+  unchanged.
 
 Pacing: a viewer plays the preset's frame rate however fast frames are made. Video made far ahead of the
 playhead sits in the player's buffer, and a garment switch only shows once that buffer has played out, so the
