@@ -186,11 +186,15 @@ class LivePage:
         self.page.wait_for_function("() => window.FashionChameleonPlayer && document.querySelector('#generate')")
         self.page.evaluate(SAMPLER_JS, [[palette(p) for p in WARDROBE], COLOUR_DISTANCE])
 
-    def generate(self, garment: Path, chunks: int | None = None) -> float:
-        """Upload the example person and `garment`, press Generate; seconds to the first frame on screen."""
+    def generate(self, garment: Path, chunks: int | None = None, example: bool = False) -> float:
+        """Upload the example person and `garment` (or click their example), press Generate; seconds to the first
+        frame on screen."""
         page = self.page
-        page.locator("#reference input[type=file]").set_input_files(REFERENCE)
-        page.locator("#garment input[type=file]").set_input_files(garment)
+        if example:
+            page.get_by_text(f"person in {garment.stem.removeprefix('garment_').replace('_', ' ')}").click()
+        else:
+            page.locator("#reference input[type=file]").set_input_files(REFERENCE)
+            page.locator("#garment input[type=file]").set_input_files(garment)
         page.locator("#reference img").wait_for()
         page.locator("#garment img").wait_for()
         if chunks is not None:

@@ -62,7 +62,7 @@ def test_video_wardrobe_and_switch_fit_one_screen(browser, viewport, tmp_path):
     chromium, url = browser
     page = live.LivePage(chromium, url, live.VIEWPORTS[viewport])
     try:
-        page.generate(A)
+        page.generate(A, example=True)  # an example's button fills both photos without moving the page
         page.switch(B)
         page.wait(1.0)
         layout = page.layout()
