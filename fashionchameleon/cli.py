@@ -32,6 +32,16 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return seconds
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (not the usage block) with exit code 2."""
 
@@ -86,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher", help="teacher transformer folder for the teacher-vs-student rows "
                                       "(default: the preset's shipped teacher; 'none' skips them)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--drift-seconds", type=_seconds, default=20.0,
+                    help="stream each clip this long without a switch for the drift rows (0: skip them)")
+    ev.add_argument("--drift-window", type=_seconds, default=2.0,
+                    help="seconds compared at the start and the end of the drift stream")
     ev.add_argument("--json", help="write the results here")
     ev.add_argument("--strip", help="also write a PNG strip of one switch (inputs, streamed frames, ground truth)")
 
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="teacher (stage 1), forcing (stage 2), dmd (stage 3), or all three from a recipe")
     train.add_argument("--config", required=True,
                        help="YAML/JSON stage config, or a recipe with a section per stage (configs/tiny.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value of the stage, dotted key and YAML value (repeatable): "
+                            "--set reward.kind=world --set output_dir=runs/world")
     return parser
 
 
@@ -168,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if teacher_path != "none" and not (Path(teacher_path) / "config.json").is_file():
         raise UserInputError(f"--teacher {teacher_path} is not a transformer folder (no config.json)")
     config = EvalConfig(clips=args.clips, chunks=args.chunks, switch_chunk=args.switch_chunk, modes=modes,
-                        seed=args.seed)
+                        seed=args.seed, drift_seconds=args.drift_seconds, drift_window=args.drift_window)
     preset, pipe = _load(args)
     teacher = None
     if teacher_path != "none":
@@ -205,13 +222,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .training.config import parse_overrides, with_overrides
     from .training.recipe import run_recipe, stage_config
     from .training.trainer import Trainer
 
+    overrides = parse_overrides(args.set)
     if args.stage == "all":
+        if overrides:
+            raise UserInputError("--set applies to one stage: name it (teacher, forcing or dmd) instead of all")
         folder = run_recipe(args.config)
     else:
-        folder = Trainer(stage_config(args.config, args.stage)).train()
+        folder = Trainer(with_overrides(stage_config(args.config, args.stage), overrides)).train()
     logger.info("trained %s: %s", args.stage, folder)
 
 

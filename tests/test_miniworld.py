@@ -8,13 +8,26 @@ import time
 import numpy as np
 import pytest
 
+from fashionchameleon.errors import UserInputError
 from fashionchameleon.miniworld import metrics
-from fashionchameleon.miniworld.world import Garment, Motion, make_triplet, render, sample_motion, sample_person
+from fashionchameleon.miniworld.evaluate import Clip, EvalConfig, evaluate, format_results, score_drift
+from fashionchameleon.miniworld.world import (
+    PATTERNS,
+    Garment,
+    Motion,
+    make_triplet,
+    render,
+    sample_motion,
+    sample_person,
+)
 
 FRAMES, HEIGHT, WIDTH = 33, 64, 64
 SWITCH = 16  # first frame after a garment switch
 SEEDS = range(8)
 NOISE_STD = 20.0  # RGB units
+PATTERN_SEEDS = range(40)  # pattern classes: ten clips of each pattern on average
+DRIFT_FRAMES, DRIFT_WINDOW = 12, 3  # a short stand-in for 20 s and its 2 s windows
+GREY = 128.0  # what the drift controls fade towards
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +169,83 @@ def test_temporal_smoothness_zero_flicker_on_truth_and_worse_when_corrupted(trip
         noisy = metrics.temporal_smoothness(_noisy(triplet.video, seed), triplet.masks["person"])
         assert noisy.background_flicker.mean() > 0.05  # measured ~0.087 at std 20
         assert noisy.second_difference.mean() > 5 * truth.second_difference.mean()  # measured x6-27
+
+
+def test_pattern_class_near_exact_on_truth_and_wrong_when_corrupted():
+    accuracies, predicted = [], set()
+    for seed in PATTERN_SEEDS:
+        triplet = make_triplet(seed, FRAMES, HEIGHT, WIDTH)
+        masks, pattern = triplet.masks["garment"], triplet.garment.pattern
+        classes = metrics.pattern_class(triplet.video, masks)
+        accuracies.append(np.mean(classes == pattern))
+        predicted |= set(classes)
+        flat = triplet.video.copy()
+        flat[masks] = triplet.garment.base  # the pattern painted over in the base colour
+        assert set(metrics.pattern_class(flat, masks)) == {"solid"}
+        noisy = metrics.pattern_class(_noisy(triplet.video, seed), masks)
+        assert np.mean(noisy == pattern) < 0.1  # not two flat colours: measured 0 (97 % of frames read no pattern)
+        next_pattern = PATTERNS[(PATTERNS.index(pattern) + 1) % len(PATTERNS)]
+        other = dataclasses.replace(triplet.garment, pattern=next_pattern)
+        assert np.mean(metrics.pattern_class(_redressed(triplet, other), masks) == pattern) < 0.2  # measured <= 0.06
+    assert np.mean(accuracies) > 0.98 and min(accuracies) > 0.9  # measured 0.999, per clip >= 0.97
+    assert predicted == set(PATTERNS)  # every class is predicted somewhere: not a constant
+    assert set(metrics.pattern_class(np.zeros((2, HEIGHT, WIDTH, 3), np.uint8), np.zeros((2, HEIGHT, WIDTH), bool))) \
+        == {metrics.NO_PATTERN}
+
+
+def _fade(video: np.ndarray, where: np.ndarray, amount: float) -> np.ndarray:
+    """`video` fading linearly towards grey at `where`, by `amount` at the last frame."""
+    weight = np.linspace(0, amount, len(video))[:, None, None, None]
+    faded = np.rint(video * (1 - weight) + GREY * weight).astype(np.uint8)
+    return np.where(where[..., None], faded, video)
+
+
+def test_drift_none_on_truth_and_shown_by_fading(triplets):
+    for triplet in triplets:
+        clip = Clip(triplet.person, triplet.reference, triplet.garment, triplet.reference_garment, triplet.video,
+                    triplet.motion)
+        video, masks = triplet.video[:DRIFT_FRAMES], triplet.masks["garment"][:DRIFT_FRAMES]
+        truth = score_drift(video, clip, DRIFT_WINDOW)
+        assert truth["drift_colour_error"] == 0 and truth["drift_identity"] == 1
+        garment = score_drift(_fade(video, masks, 0.5), clip, DRIFT_WINDOW)
+        assert garment["drift_colour_error"] > 30  # measured >= 37.6 on seeds 0-15
+        assert garment["drift_identity"] > 0.99  # the person is untouched: measured >= 0.997
+        whole = score_drift(_fade(video, np.ones_like(masks), 0.15), clip, DRIFT_WINDOW)
+        assert whole["drift_identity"] < 0.7 and whole["drift_colour_error"] > 5  # measured <= 0.58, >= 11.2
+
+
+@pytest.fixture(scope="module")
+def short_eval():
+    from fashionchameleon.presets import load_preset
+
+    _, pipe = load_preset("mini", device="cpu")
+    config = EvalConfig(clips=1, chunks=2, switch_chunk=1, modes=("full",), drift_seconds=1.0, drift_window=0.25)
+    return pipe, evaluate(pipe, config)
+
+
+def test_eval_has_pattern_and_drift_rows_and_truth_shows_no_drift(short_eval):
+    pipe, result = short_eval
+    rows = result["rows"]
+    truth, student, drift = rows["ground_truth"], rows["student/full"], rows["ground_truth/drift_1s"]
+    assert truth["pattern_class_right"] == truth["pattern_class_right_after"] == 1
+    assert 0 <= student["pattern_class_right"] <= 1 and 0 <= student["pattern_class_right_after"] <= 1
+    assert drift["drift_colour_error"] == 0 and drift["drift_identity"] == 1
+    drift_keys = {"drift_colour_error", "drift_identity", "identity_first", "identity_last"}
+    assert drift_keys <= set(rows["student/drift_1s"])
+    table = format_results(result)
+    assert "pattern C after" in table and "| student/drift_1s |" in table
+    no_drift = EvalConfig(clips=1, chunks=2, switch_chunk=1, modes=("full",), drift_seconds=0)
+    assert not any("drift" in name for name in evaluate(pipe, no_drift)["rows"])
+    with pytest.raises(UserInputError, match="drift_window"):
+        evaluate(pipe, dataclasses.replace(no_drift, drift_seconds=1.0, drift_window=0.75))
+
+
+def test_cli_eval_drift_flags():
+    from fashionchameleon.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--drift-seconds", "0"])
+    assert args.drift_seconds == 0 and args.drift_window == 2.0
+    assert build_parser().parse_args(["eval"]).drift_seconds == 20.0
+    with pytest.raises(SystemExit) as error:
+        build_parser().parse_args(["eval", "--drift-seconds", "-1"])
+    assert error.value.code == 2

@@ -12,23 +12,50 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import GARMENTS, REFERENCE, TINY_TRANSFORMER, caption, write_world_dataset
 
+from fashionchameleon import media
 from fashionchameleon.cli import main as cli_main
 from fashionchameleon.engine import StreamingEngine
 from fashionchameleon.errors import UserInputError
-from fashionchameleon.models.causal_wan import (CausalWanTransformer3DModel, teacher_forcing_block_mask,
-                                                teacher_forcing_mask)
+from fashionchameleon.miniworld import make_triplet
+from fashionchameleon.miniworld.world import WHITE
+from fashionchameleon.models.causal_wan import (
+    CausalWanTransformer3DModel,
+    teacher_forcing_block_mask,
+    teacher_forcing_mask,
+)
 from fashionchameleon.models.kv_cache import KVSlot, WindowPolicy
 from fashionchameleon.presets import get_preset, load_preset
 from fashionchameleon.rollout import Rollout
-from fashionchameleon.training.config import STAGES, DataConfig, config_from_dict, load_config
-from fashionchameleon.training.data import (DrawSampler, LatentCache, TripletDataset, choose_caption, collate_triplets,
-                                            discover_triplets, load_pixels)
-from fashionchameleon.training.losses import Rngs, chunk_ids, gr_dmd_loss
+from fashionchameleon.training.config import (
+    STAGES,
+    DataConfig,
+    RewardConfig,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    with_overrides,
+)
+from fashionchameleon.training.data import (
+    DrawSampler,
+    LatentCache,
+    TripletDataset,
+    choose_caption,
+    collate_triplets,
+    discover_triplets,
+    load_pixels,
+)
+from fashionchameleon.training.losses import Batch, Rngs, chunk_ids, gr_dmd_loss
 from fashionchameleon.training.recipe import load_recipe, stage_config
-from fashionchameleon.training.reward import AestheticHead, chunk_weights, tiny_aesthetic_reward
+from fashionchameleon.training.reward import (
+    AestheticHead,
+    WorldReward,
+    build_reward,
+    chunk_weights,
+    tiny_aesthetic_reward,
+)
 from fashionchameleon.training.trainer import Trainer
-from helpers import GARMENTS, REFERENCE, TINY_TRANSFORMER, caption, write_world_dataset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 #: The training tests run at the tiny recipe's size (64x32 frames, chunks of 2 latent frames, 16 text tokens).
@@ -218,6 +245,83 @@ def test_tiny_aesthetic_reward_scores_every_frame_and_loads_released_head_names(
     assert names == {"layers.0", "layers.2", "layers.4", "layers.6", "layers.7"}
 
 
+# -- GR-DMD's world reward (the mini wardrobe world's exact quality) ------------------------------------------------
+WORLD_CLIP, WORLD_FRAMES = 3, 9  # a training seed of the mini world; 3 chunks of the mini preset
+
+
+def world_clip(clip: int, height: int = 64, width: int = 48):
+    """Truth of a world sample, and the same frames with chunk 1 in the reference's garment colour (the wrong
+    garment) and chunk 2's head (face and hair) painted white (the metrics find parts by colour, so the white head
+    counts as garment pixels of a wrong colour)."""
+    truth = make_triplet(clip, WORLD_FRAMES, height, width)
+    corrupted = truth.video.copy()
+    corrupted[3:6][truth.masks["garment"][3:6]] = truth.reference_garment.base
+    head = truth.masks["face"] | truth.masks["hair"]
+    corrupted[6:9][head[6:9]] = WHITE
+    return truth, corrupted
+
+
+def frames_tensor(videos: list[np.ndarray]) -> torch.Tensor:
+    """uint8 videos [F, H, W, 3] -> frames [B, 3, F, H, W] in [-1, 1], as the codec decodes them."""
+    return torch.stack([torch.stack([media.image_to_tensor(frame) for frame in video], dim=1) for video in videos])
+
+
+def test_world_reward_scores_truth_high_and_exactly_the_corrupted_frames_lower():
+    truth, corrupted = world_clip(WORLD_CLIP)
+    batch = Batch(condition=torch.zeros(0), text=torch.zeros(0), clip=torch.tensor([WORLD_CLIP, WORLD_CLIP]))
+    scores = WorldReward()(frames_tensor([truth.video, corrupted]), batch)
+    assert scores.shape == (2, WORLD_FRAMES) and scores.dtype == torch.float32
+    clean, bad = scores
+    assert clean.min() > 0.75  # garment fidelity >= 0.5 on truth (patterns alias at 64 px), identity exactly 1
+    assert torch.equal(bad[:3], clean[:3])  # untouched frames score exactly as before
+    assert (bad[3:6] < clean[3:6] - 0.3).all()  # wrong garment colour
+    assert (bad[6:] < clean[6:] - 0.2).all()  # head painted over
+    # Negative control: the same frames judged as another clip's (another person and garment) score low.
+    other = WorldReward()(frames_tensor([truth.video]), replace(batch, clip=torch.tensor([WORLD_CLIP + 1])))
+    assert (other[0] < clean - 0.3).all()
+
+
+def test_world_reward_needs_the_miniworld_layout(workdir):
+    with pytest.raises(UserInputError, match="reward.kind 'world' .* needs data.layout 'miniworld', got 'folder'"):
+        build_reward(RewardConfig(kind="world"), layout="folder")
+    with pytest.raises(UserInputError, match="needs data.layout 'miniworld'"):  # the run is refused as it is built
+        Trainer(dmd_config(workdir, "dmd_world_folder", workdir / "base", workdir / "base", reward={"kind": "world"}))
+    assert isinstance(build_reward(RewardConfig(kind="world"), layout="miniworld"), WorldReward)
+
+
+WORLD_ARM = ["reward.kind=world", "output_dir=runs/mini_ablation/world"]  # configs/dmd_mini_ablation.yaml's --set
+
+
+def test_gr_dmd_step_with_the_world_reward_weights_the_worse_chunk(tmp_path):
+    """One generator + critic step of the ablation's GR-DMD arm (configs/dmd_mini_ablation.yaml's, at batch 2), then its
+    weights on known frames: a corrupted chunk weighs more, equal frames give exactly plain DMD's weights."""
+    config = with_overrides(load_config(CONFIGS / "dmd_mini_ablation.yaml", "dmd"), parse_overrides(WORLD_ARM))
+    config = replace(config, output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, export_pipeline=False,
+                     data=replace(config.data, num_workers=0))
+    trainer = Trainer(config)
+    trainer.train()
+    (row,) = read_log(tmp_path / "run" / "loss.csv")
+    assert 0 < float(row["generator/reward"]) < 1
+
+    loss, batch = trainer.loss, trainer.next_batch()
+    truths = [world_clip(int(clip)) for clip in batch.clip]
+    references = torch.stack([media.image_to_tensor(truth.reference) for truth, _ in truths])
+    assert torch.equal(batch.condition[:, :, :1], trainer.codec.encode_image(references))  # clip = the sample
+    videos = [corrupted if b == 0 else truth.video for b, (truth, corrupted) in enumerate(truths)]
+    latents = trainer.codec.encode_video(frames_tensor(videos))
+    weights, reward = loss.frame_weights(latents, batch)
+    assert weights[0, 3] > weights[0, 6] > weights[0, 0]  # the wrong garment is the worst chunk, the head next
+    assert torch.isfinite(reward)
+    # Equal scores (every frame the first one) are plain DMD's uniform weights, bit for bit; the equivalence of
+    # uniform weights with plain DMD's loss and gradient is test_gr_dmd_with_uniform_weights_is_plain_dmd.
+    still = latents[:, :, :1].expand_as(latents)
+    equal, _ = loss.frame_weights(still, batch)
+    loss.reward = None
+    plain, _ = loss.frame_weights(still, batch)
+    assert torch.equal(equal, plain)
+    assert not torch.equal(weights, plain)
+
+
 # -- configs --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*_*.yaml")), ids=lambda p: p.name)
 def test_shipped_stage_configs_load(path):
@@ -235,6 +339,31 @@ def test_shipped_recipes_chain_their_stages(name):
     # One stage of a recipe is the same config as in the whole run.
     for config in configs:
         assert stage_config(CONFIGS / f"{name}.yaml", config.stage) == config
+
+
+def test_grdmd_ablation_arms_differ_only_in_the_reward_kind():
+    """configs/dmd_mini_ablation.yaml: the shipped recipe's stage 3 from the shipped weights; with the `--set`
+    overrides its header names, GR-DMD with the world reward."""
+    plain = load_config(CONFIGS / "dmd_mini_ablation.yaml", "dmd")
+    world = with_overrides(plain, parse_overrides(WORLD_ARM))
+    assert (plain.reward.kind, world.reward.kind) == ("none", "world")
+    assert world.reward.temperature == plain.reward.temperature == 0.03  # an override keeps the keys beside it
+    assert replace(world, reward=plain.reward, output_dir=plain.output_dir) == plain
+    recipe = stage_config(CONFIGS / "mini.yaml", "dmd")
+    assert replace(plain, model=recipe.model, output_dir=recipe.output_dir, reward=recipe.reward) == recipe
+    assert (plain.model.init, plain.model.teacher) == ("fashionchameleon/assets/mini/transformer",
+                                                       "fashionchameleon/assets/mini-teacher")
+
+
+@pytest.mark.parametrize("pairs, message", [(["max_steps"], "KEY=VALUE"), (["reward..kind=x"], "dotted KEY"),
+                                            (["reward=1", "reward.kind=x"], "a value and keys at once")])
+def test_set_overrides_are_checked(pairs, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_overrides(pairs)
+    plain = load_config(CONFIGS / "dmd_mini_ablation.yaml", "dmd")
+    with pytest.raises(UserInputError, match="unknown config key reward.knd"):
+        with_overrides(plain, parse_overrides(["reward.knd=world"]))
+    assert with_overrides(plain, {}) is plain
 
 
 def test_5b_configs_hold_the_papers_hyperparameters():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import Person
+from .world import PATTERNS, Person
 
 MAX_RGB = 255.0
 GARMENT_WHITE_DISTANCE = 30.0  # flat-lay pixels farther than this from white are garment (world keeps >= 60)
@@ -35,6 +35,18 @@ SILHOUETTE_DISTANCE = 30.0  # a pixel this far from the background is the person
 PART_DISTANCE = 30.0  # a person pixel this close to an identity colour belongs to that part (world keeps >= 60)
 CONTINUITY_WINDOW = 1  # ordinary transitions on each side of a switch that set its expected change
 MIN_SILHOUETTE_CHANGE = 0.01  # floor of the ordinary change, so a frozen clip does not divide by zero
+# Pattern class thresholds, measured on 120 held-out clips x 24 frames at 64 x 48 (`pattern_class`): per-frame
+# accuracy 0.988 (seeds 1,000,000+; 0.996 on seeds 0-119), see tests/test_miniworld.py.
+MIN_PATTERN_EDGE_DENSITY = 5.0  # fewer edges per torso length is solid: worn patterns measured >= 10, solid 0
+MIN_PATTERN_SHARE = 0.1  # a second colour covering less is specks, not a pattern: dots cover >= 0.18 measured
+MAX_STRIPE_DIRECTION_RATIO = 0.5  # weakest / strongest edge direction: stripes have none along them (measured
+# 0.23 median, 0.39 at the 95th percentile; checks and dots >= 0.5)
+MAX_DOT_SHARE = 0.35  # dots cover pi 0.28^2 = 0.25 of the garment (measured <= 0.335), checks and stripes 0.5
+MIN_PALETTE_FIT = 0.8  # share of garment pixels near one of its two colours for a pattern to be read at all: the
+# world's garments are two flat colours (1.0); the shipped mini's smeared garments measured 0.01-0.47
+PALETTE_FIT_DISTANCE = 30.0  # RGB: a pixel this close to a palette colour is that colour (world keeps >= 80 apart)
+SOLID, STRIPES, CHECKS, DOTS = PATTERNS  # the world's pattern names, in its order
+NO_PATTERN = ""  # `pattern_class` of a frame with no garment, or one that is not two flat colours: matches none
 
 
 @dataclass
@@ -115,6 +127,32 @@ def edge_density(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
         step = np.linalg.norm(frames[here + (slice(None),)] - frames[there + (slice(None),)], axis=-1)
         densities.append(((step > EDGE_THRESHOLD) & inside).sum((-2, -1)) * scale)
     return np.stack(densities, -1)
+
+
+def pattern_class(video: np.ndarray, garment_masks: np.ndarray) -> np.ndarray:
+    """str [F]: each frame's garment pattern, one of the world's `PATTERNS`, or NO_PATTERN.
+
+    Read off the two statistics a pattern is made of, so a model is scored on what it drew rather than on its
+    colours: too few edges or no second colour is solid; stripes leave one edge direction empty (the one along
+    them) while checks and dots cut all four; dots cover a quarter of the garment where checks cover half. A
+    garment that is not two flat colours is no pattern at all, so a smear cannot pass for stripes by its edges.
+    """
+    edges = edge_density(video, garment_masks)
+    classes = np.full(len(video), NO_PATTERN, dtype=f"<U{max(map(len, PATTERNS))}")
+    for frame, (pixels, mask, density) in enumerate(zip(video, garment_masks, edges)):
+        if not mask.any():
+            continue
+        colours, shares = palette(pixels[mask])
+        if np.mean(np.min([_distance(pixels[mask], c) for c in colours], 0) <= PALETTE_FIT_DISTANCE) < MIN_PALETTE_FIT:
+            continue
+        second = shares.min() if len(shares) == PALETTE_SIZE else 0.0
+        if density.sum() < MIN_PATTERN_EDGE_DENSITY or second < MIN_PATTERN_SHARE:
+            classes[frame] = SOLID
+        elif density.min() < MAX_STRIPE_DIRECTION_RATIO * density.max():
+            classes[frame] = STRIPES
+        else:
+            classes[frame] = DOTS if second < MAX_DOT_SHARE else CHECKS
+    return classes
 
 
 def _pattern_distance(edges: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -84,8 +84,9 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    """GR-DMD's reward (docs/method.md §4.1): "aesthetic" (CLIP ViT-L/14 + LAION MLP from local files), "tiny" (a
-    seeded stand-in of the same architecture, for tests) or "none" (uniform weights: plain DMD)."""
+    """GR-DMD's reward (docs/method.md §4.1): "aesthetic" (CLIP ViT-L/14 + LAION MLP from local files), "world" (the
+    mini wardrobe world's exact per-frame quality; needs data.layout "miniworld"), "tiny" (a seeded stand-in of the
+    aesthetic architecture, for tests) or "none" (uniform weights: plain DMD)."""
 
     kind: str = "aesthetic"
     clip: str | None = None  # local folder of openai/clip-vit-large-patch14 (model + preprocessor config)
@@ -192,6 +193,41 @@ def load_config(path: str | Path, stage: str) -> TrainConfig:
     if file_stage != stage:
         raise UserInputError(f"{path} is a {file_stage!r} config, not {stage!r}")
     return config_from_dict(stage, raw)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs as nested values: dotted keys, YAML values (`reward.kind=world`, `max_steps=50`)."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key or "" in key.split("."):
+            raise UserInputError(f"--set takes KEY=VALUE with a dotted KEY (e.g. reward.kind=world), got {pair!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserInputError(f"--set {key}: cannot read {text!r} as a value") from None
+        *parents, leaf = key.split(".")
+        node = values
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise UserInputError(f"--set {key}: {name} is given a value and keys at once")
+        node[leaf] = value
+    return values
+
+
+def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """`config` with `overrides` (nested values, as `parse_overrides` makes) applied and checked like a file's."""
+    return config_from_dict(config.stage, merge_values(dataclasses.asdict(config), overrides)) if overrides else config
+
+
+def merge_values(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` over `base`, nested mappings merged key by key (a recipe's sections, --set overrides)."""
+    merged = dict(base)
+    for key, value in over.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_values(merged[key], value) if nested else value
+    return merged
 
 
 def config_from_dict(stage: str, values: dict[str, Any]) -> TrainConfig:

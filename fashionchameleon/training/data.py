@@ -288,9 +288,10 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 class TripletDataset(torch.utils.data.Dataset):
     """Items are looked up by (draw, index): the draw number seeds the caption choice, the index picks the clip.
 
-    An item is a dict with `draw`, and unless the sample is broken `prompt` plus either pixels (`reference`,
-    `garment`, `video`) or, with a cache, latents (`reference_latent`, `garment_latent`, `video_latent`) and
-    `text` [max_text_tokens, D]. `load_video=False` (data-free DMD) skips the clip itself.
+    An item is a dict with `draw`, and unless the sample is broken `prompt`, `clip` (the index, a 0-d int64
+    tensor, so that collating stacks it like the pixels) plus either pixels (`reference`, `garment`, `video`) or,
+    with a cache, latents (`reference_latent`, `garment_latent`, `video_latent`) and `text` [max_text_tokens, D].
+    `load_video=False` (data-free DMD) skips the clip itself.
     """
 
     def __init__(self, triplets: list[Triplet], config: DataConfig, stream: StreamConfig, *, seed: int,
@@ -320,13 +321,14 @@ class TripletDataset(torch.utils.data.Dataset):
                 self._reported.add(triplet.id)
                 logger.warning("skipping broken sample %s: %s", triplet.id, error)
             return {"draw": draw}
-        return drop_garment({"draw": draw, "prompt": prompt, **tensors}, self.config, self.stream, rng)
+        return drop_garment({"draw": draw, "prompt": prompt, "clip": torch.tensor(index), **tensors}, self.config,
+                            self.stream, rng)
 
 
 class MiniWorldDataset(torch.utils.data.Dataset):
     """`layout: miniworld`: clip `index` is `miniworld.make_triplet(index)` drawn at the stream size, so the dataset
     needs no files and a seed reproduces every sample; items are `TripletDataset`'s (pixels, empty prompt: the
-    world has no captions)."""
+    world has no captions), and their `clip` is the seed that rebuilds the sample's truth (the world reward)."""
 
     def __init__(self, config: DataConfig, stream: StreamConfig, *, seed: int, load_video: bool) -> None:
         if config.clips < 1:
@@ -343,7 +345,8 @@ class MiniWorldDataset(torch.utils.data.Dataset):
         config = self.config
         stream = self.stream
         triplet = make_triplet(index, config.num_frames if self.load_video else 1, stream.height, stream.width)
-        item = {"draw": draw, "prompt": "", "reference": media.image_to_tensor(triplet.reference),
+        item = {"draw": draw, "prompt": "", "clip": torch.tensor(index),
+                "reference": media.image_to_tensor(triplet.reference),
                 "garment": media.image_to_tensor(triplet.garment_image)}
         if self.load_video:
             item["video"] = torch.stack([media.image_to_tensor(frame) for frame in triplet.video], dim=1)

@@ -38,6 +38,7 @@ class Batch:
     condition: torch.Tensor  # [B, C, 2, h, w]: reference and garment latents, always at t = 0
     text: torch.Tensor  # [B, L, D] UMT5 embeddings of the chosen captions
     video: torch.Tensor | None = None  # [B, C, F, h, w] clean video latents (None for data-free DMD)
+    clip: torch.Tensor | None = None  # [B] int64 on the CPU: each sample's dataset index (miniworld: its world seed)
 
 
 @dataclass
@@ -195,7 +196,7 @@ class GRDMDLoss(StageLoss):
     def __init__(self, config: DMDConfig, pipe: FashionChameleonPipeline, networks: dict[str, nn.Module],
                  embed_prompts: Callable[[list[str]], torch.Tensor], device: torch.device) -> None:
         super().__init__(config, pipe, networks, embed_prompts, device)
-        self.reward = build_reward(config.reward, config.seed)
+        self.reward = build_reward(config.reward, layout=config.data.layout, seed=config.seed)
         if self.reward is not None:
             self.reward.to(device)
         self.codec = pipe.codec
@@ -255,13 +256,13 @@ class GRDMDLoss(StageLoss):
         return sigma, sigma * self.table.num_train_timesteps
 
     @torch.no_grad()
-    def frame_weights(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GR weights A [B, F] from the reward of the decoded rollout, and the mean reward (without a reward:
-        uniform weights, i.e. plain DMD, and NaN)."""
-        batch, _, frames = video.shape[:3]
+    def frame_weights(self, video: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """GR weights A [B, F] from the reward of the decoded rollout of `batch`, and the mean reward (without a
+        reward: uniform weights, i.e. plain DMD, and NaN)."""
+        size, _, frames = video.shape[:3]
         if self.reward is None:
-            return video.new_full((batch, frames), 1.0 / frames, dtype=torch.float64), video.new_full((), float("nan"))
-        scores = self.reward(self.codec.decode_video(video)).to(video.device)
+            return video.new_full((size, frames), 1.0 / frames, dtype=torch.float64), video.new_full((), float("nan"))
+        scores = self.reward(self.codec.decode_video(video), batch).to(video.device)
         weights = chunk_weights(scores, temporal_factor=self.codec.temporal_factor,
                                 chunk_frames=self.stream.chunk_frames, temperature=self.config.reward.temperature)
         return weights, scores.mean()
@@ -288,7 +289,7 @@ class GRDMDLoss(StageLoss):
 
     def generator_loss(self, batch: Batch, rng: Rngs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         video, exit_step = self.rollout(batch, rng)
-        weights, reward = self.frame_weights(video.detach())
+        weights, reward = self.frame_weights(video.detach(), batch)
         gradient = self.dmd_gradient(video.detach(), batch, rng)
         return gr_dmd_loss(video, gradient, weights), {"generator/reward": reward,
                                                        "generator/exit_step": torch.tensor(float(exit_step))}

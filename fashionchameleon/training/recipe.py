@@ -16,18 +16,10 @@ from typing import Any
 import yaml
 
 from ..errors import UserInputError
-from .config import STAGES, TrainConfig, config_from_dict, load_config
+from .config import STAGES, TrainConfig, config_from_dict, load_config, merge_values
 from .trainer import PIPELINE_EXPORT, TRANSFORMER_EXPORT, Trainer
 
 RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", *STAGES}
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
 
 
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
@@ -49,7 +41,7 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
                        "export_pipeline": True}}
     configs = []
     for stage in STAGES:
-        values = _merge(_merge(raw.get("shared") or {}, raw[stage] or {}), chained[stage])
+        values = merge_values(merge_values(raw.get("shared") or {}, raw[stage] or {}), chained[stage])
         configs.append(config_from_dict(stage, {**values, "output_dir": str(out / stage)}))
     return raw, configs
 

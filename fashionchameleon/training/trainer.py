@@ -183,7 +183,7 @@ class Trainer:
                                    self.codec.encode_image(to_device(raw["garment"]))], dim=2)
             video = self.codec.encode_video(to_device(raw["video"])) if "video" in raw else None
         text = to_device(raw["text"]) if "text" in raw else self.embed_prompts(raw["prompts"])
-        return Batch(to_device(condition), text, None if video is None else to_device(video))
+        return Batch(to_device(condition), text, None if video is None else to_device(video), raw["clip"])
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> Path:
