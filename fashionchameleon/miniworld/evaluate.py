@@ -37,6 +37,8 @@ from . import metrics
 from .world import Garment, Motion, Person, make_triplet, render, sample_garment
 
 EVAL_SEED_OFFSET = 1_000_000
+#: Parts whose areas say the person is all still there (`score_drift`): hair and skin hold the head.
+PRESENCE_PARTS = ("hair", "skin", "legs")
 
 
 @dataclass(frozen=True)
@@ -113,17 +115,22 @@ def score_drift(video: np.ndarray, clip: Clip, window: int) -> dict[str, float]:
 
     `drift_colour_error` is last minus first, in RGB units: the truth's error is 0, so a ratio would divide by 0,
     and a difference reads on the same scale as every other colour error. `drift_identity` is last over first:
-    scores lie in (0, 1], so the ratio is 1 without drift and the share of identity kept otherwise.
+    scores lie in (0, 1], so the ratio is 1 without drift and the share of identity kept otherwise. Identity only
+    judges the pixels it finds in a part's colour, so a part that vanishes (a lost head) escapes it:
+    `drift_presence` is the mean over `PRESENCE_PARTS` of each part's area, last over first (1: all still there).
     """
     garment_image = clip.garment.flat_lay(video.shape[1:3])
-    row = {}
+    row, areas = {}, {}
     for name, frames in (("first", video[:window]), ("last", video[-window:])):
         masks = metrics.estimate_masks(frames, clip.person)
         fidelity = metrics.garment_fidelity(frames, masks["garment"], garment_image)
         row[f"colour_error_{name}"] = np.nanmean(fidelity.colour_error)
         row[f"identity_{name}"] = np.nanmean(metrics.identity_fidelity(frames, masks, clip.person).score)
+        areas[name] = np.array([masks[part].sum() for part in PRESENCE_PARTS], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        presence = np.where(areas["first"] > 0, areas["last"] / areas["first"], np.nan)  # a part never there: skip
     row.update(drift_colour_error=row["colour_error_last"] - row["colour_error_first"],
-               drift_identity=row["identity_last"] / row["identity_first"])
+               drift_identity=row["identity_last"] / row["identity_first"], drift_presence=np.nanmean(presence))
     return {key: float(value) for key, value in row.items()}
 
 
@@ -214,7 +221,8 @@ COLUMNS = (("garment_colour_error", "colour err. A", ".1f"),
 DRIFT_COLUMNS = (("colour_error_first", "colour err. first", ".1f"), ("colour_error_last", "colour err. last", ".1f"),
                  ("drift_colour_error", "colour drift (last - first)", "+.1f"),
                  ("identity_first", "identity first", ".3f"), ("identity_last", "identity last", ".3f"),
-                 ("drift_identity", "identity drift (last / first)", ".3f"))
+                 ("drift_identity", "identity drift (last / first)", ".3f"),
+                 ("drift_presence", "parts present (last / first)", ".3f"))
 
 
 def format_results(result: dict) -> str:
