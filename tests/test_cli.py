@@ -66,6 +66,14 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("stage, override, message", [("all", "max_steps=1", "--set applies to one stage"),
+                                                       ("dmd", "max_steps", "KEY=VALUE"),
+                                                       ("dmd", "reward.knd=world", "unknown config key reward.knd")])
+def test_bad_train_overrides_are_one_line(stage, override, message):
+    result = cli("train", stage, "--config", "configs/tiny.yaml", "--set", override)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
 def test_unreadable_checkpoint_for_convert(tmp_path):
     bad = tmp_path / "model.pt"
     bad.write_text("not a checkpoint")

@@ -330,7 +330,7 @@ def test_shipped_stage_configs_load(path):
     assert config.stage == stage
 
 
-@pytest.mark.parametrize("name", ["tiny", "mini"])
+@pytest.mark.parametrize("name", ["tiny", "mini", "mini-h200"])
 def test_shipped_recipes_chain_their_stages(name):
     raw, configs = load_recipe(CONFIGS / f"{name}.yaml")
     assert [config.stage for config in configs] == list(STAGES)
@@ -638,6 +638,26 @@ def dmd_runs(workdir, teacher, forcing):
     start = resumed.step
     resumed.train()
     return straight, resumed, start
+
+
+def test_a_spent_time_budget_stops_the_stage_saves_and_exports(workdir):
+    """`max_seconds` bounds a stage by wall time (configs/mini-h200.yaml's 8-minute GPU run): the loop checks it
+    before each step, so a budget spent at once stops at step 0, and the run still saves and exports."""
+    stopped = Trainer(tiny("teacher", workdir, "budget", max_steps=3, max_seconds=1e-9))
+    stopped.train()
+    assert stopped.step == 0 and (workdir / "budget" / "transformer" / "config.json").is_file()
+    unbounded = Trainer(tiny("teacher", workdir, "no-budget", max_steps=3))  # negative control: 0 = no limit
+    unbounded.train()
+    assert unbounded.step == 3
+
+
+def test_the_h200_recipe_fits_its_eight_minutes():
+    """configs/mini-h200.yaml: every stage bounded by wall time, 7 minutes in all at most (start-up and exports take
+    the rest of the device run's 8), the exports where the device run collects them."""
+    raw, configs = load_recipe(CONFIGS / "mini-h200.yaml")
+    assert all(c.max_seconds > 0 for c in configs) and sum(c.max_seconds for c in configs) <= 7 * 60
+    assert raw["export"].startswith("out_h200/") and raw["teacher_export"].startswith("out_h200/")
+    assert [c.reward.kind for c in configs if c.stage == "dmd"] == ["world"]
 
 
 def test_kill_and_resume_continues_bit_exactly(workdir, dmd_runs, teacher, forcing):

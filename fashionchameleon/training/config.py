@@ -104,6 +104,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0  # process k uses seed + k for noise and data; the shared exit step uses seed on every process
     max_steps: int = 1000
+    max_seconds: float = 0.0  # also stop once this run has trained this long (0: no limit), saving and exporting
     batch_size: int = 1  # per process
     grad_accum: int = 1
     mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "no", "bf16", "fp16"

@@ -187,14 +187,21 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> Path:
-        """Run to `max_steps` (checkpointing on the way) and export; returns the exported transformer folder."""
+        """Run to `max_steps` or `max_seconds` (checkpointing on the way) and export; returns the exported
+        transformer folder."""
         from tqdm import tqdm
 
         config, acc = self.config, self.accelerator
         log = LossLog(self.out / LOSS_LOG, self.stage.log_keys, self.step) if acc.is_main_process else None
         bar = tqdm(total=config.max_steps, initial=self.step, unit="step", disable=not acc.is_main_process)
         logs: dict[str, torch.Tensor] = {}
+        deadline = time.monotonic() + config.max_seconds if config.max_seconds > 0 else None
         while self.step < config.max_steps:
+            if deadline is not None and self.out_of_time(deadline):
+                logger.info("%s: time budget of %g s spent at step %d", config.stage, config.max_seconds, self.step)
+                if self.step % config.checkpoint_every:
+                    self.save_checkpoint()
+                break
             for network in self.loss.updates(self.step):
                 logs.update(self.update(network))
             self.step += 1
@@ -209,6 +216,11 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         return self.export()
+
+    def out_of_time(self, deadline: float) -> bool:
+        """Whether the time budget is spent, as every process agrees (one stopping alone would hang the others)."""
+        late = torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(late, reduction="max"))
 
     def update(self, network: str) -> dict[str, torch.Tensor]:
         """One optimizer step of `network`: lr from the schedule, `grad_accum` micro-batches, clip, step."""
