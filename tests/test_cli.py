@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
+from helpers import GARMENTS, REFERENCE, ROOT, TINY_TRANSFORMER, probe_video, to_official_state_dict
 
 from fashionchameleon.pipeline import FashionChameleonPipeline
 from fashionchameleon.presets import load_preset
-from helpers import GARMENTS, REFERENCE, ROOT, TINY_TRANSFORMER, probe_video, to_official_state_dict
 
 G1, G2, G3 = GARMENTS[:3]
 
