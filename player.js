@@ -6,6 +6,10 @@
 // from it (a stall, counted). Small frames are scaled by a whole factor with nearest-neighbour sampling.
 window.FashionChameleonPlayer = (() => {
   const MAX_HEIGHT_SHARE = 0.34; // of the window's height: the wardrobe and Switch stay in view below the video
+  // More video than this waiting means the page could not play (a hidden tab, a busy page) while chunks came on:
+  // played at 1x, that backlog would delay every later switch by as much, so the player jumps to the live edge,
+  // keeping this much. (The server keeps well under a second ahead of the viewer: serving/pacing.py.)
+  const MAX_BACKLOG_SECONDS = 2.0, LIVE_EDGE_SECONDS = 0.25;
   const state = {
     canvas: null, fps: 12, frames: [], clock: null, played: 0, decoding: Promise.resolve(), generation: 0,
     stream: null, lastChunk: -1, stats: null, width: 0, height: 0,
@@ -14,7 +18,7 @@ window.FashionChameleonPlayer = (() => {
   function resetStats() {
     // Read by the browser test: times are performance.now() of this page.
     state.stats = {chunks: 0, framesShown: 0, stalls: 0, stallMs: 0, firstFrameAt: null, garmentVersion: null,
-                   repeats: 0};
+                   repeats: 0, skipped: 0};
   }
   resetStats();
 
@@ -76,6 +80,12 @@ window.FashionChameleonPlayer = (() => {
     if (state.frames.length) {
       const period = 1000 / state.fps;
       if (state.clock === null) state.clock = now; // the first frame is due now
+      if (state.frames.length > state.fps * MAX_BACKLOG_SECONDS) {
+        const dropped = state.frames.splice(0, state.frames.length - Math.ceil(state.fps * LIVE_EDGE_SECONDS));
+        for (const frame of dropped) if (frame.last) frame.strip.close();
+        state.stats.skipped += dropped.length;
+        state.clock = now - state.played * period; // the next frame is due now
+      }
       const late = now - (state.clock + state.played * period);
       if (late >= 0) {
         if (state.played > 0 && late > period) { // it came after its time: a stall, and the clock moves on from it

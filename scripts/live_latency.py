@@ -283,6 +283,7 @@ def one_stream(page: LivePage, switches: int = 2) -> dict:
         "switch_changed_s": [changed_seconds(samples, t) for kind, t, g in clicks if kind == "switch"],
         "control_changed_s": [changed_seconds(samples, t) for kind, t, g in clicks if kind == "control"],
         "stalls": stats["stalls"], "stall_ms": round(stats["stallMs"]), "frames_shown": stats["framesShown"],
+        "frames_skipped": stats["skipped"],  # the player jumped to the live edge (it could not play for a while)
     }
 
 
@@ -298,6 +299,7 @@ def summary(streams: list[dict]) -> dict:
         "control_registered": sum(c is not None for c in controls), "controls": len(controls),
         "stalls": sum(r["stalls"] for r in streams), "stall_ms": sum(r["stall_ms"] for r in streams),
         "frames_shown": sum(r["frames_shown"] for r in streams),
+        "frames_skipped": sum(r["frames_skipped"] for r in streams),
     }
 
 
