@@ -6,14 +6,16 @@
 // from it (a stall, counted). Small frames are scaled by a whole factor with nearest-neighbour sampling.
 window.FashionChameleonPlayer = (() => {
   const MAX_HEIGHT_SHARE = 0.34; // of the window's height: the wardrobe and Switch stay in view below the video
-  // More video than this waiting means the page could not play (a hidden tab, a busy page) while chunks came on:
-  // played at 1x, that backlog would delay every later switch by as much, so the player jumps to the live edge,
-  // keeping this much. (The server keeps well under a second ahead of the viewer: serving/pacing.py.)
-  const MAX_BACKLOG_SECONDS = 2.0, LIVE_EDGE_SECONDS = 0.25;
+  // More video than this arrived and not yet shown means the page could not play for a while (a hidden tab, a busy
+  // page) while chunks came on. Played at 1x, that backlog would delay every later switch by as much, so the player
+  // skips to the newest chunk. (The server keeps well under a second ahead of the viewer: serving/pacing.py.)
+  const MAX_BACKLOG_SECONDS = 2.0;
   const state = {
     canvas: null, fps: 12, frames: [], clock: null, played: 0, decoding: Promise.resolve(), generation: 0,
-    stream: null, lastChunk: -1, stats: null, width: 0, height: 0,
+    stream: null, lastChunk: -1, pushed: 0, next: 0, skipTo: 0, stats: null, width: 0, height: 0,
   };
+  // Frame indices count this stream's frames in order: `pushed` have arrived, `next` is the next one to show, and
+  // every frame before `skipTo` is dropped unseen.
 
   function resetStats() {
     // Read by the browser test: times are performance.now() of this page.
@@ -46,7 +48,8 @@ window.FashionChameleonPlayer = (() => {
 
   // One decode per chunk, off the main thread (a Blob to createImageBitmap); frames are drawn from the decoded strip
   // by source rectangle, so nothing is cropped or copied per frame.
-  async function decode(chunk, generation) {
+  async function decode(chunk, first, generation) {
+    if (first + chunk.frames <= state.skipTo) { state.stats.skipped += chunk.frames; return; } // skipped unseen
     const strip = await createImageBitmap(await (await fetch(chunk.image)).blob());
     if (generation !== state.generation) { strip.close(); return; } // a newer stream has started
     const width = strip.width, height = strip.height / chunk.frames;
@@ -60,7 +63,8 @@ window.FashionChameleonPlayer = (() => {
     state.fps = chunk.fps;
     state.stats.chunks += 1;
     for (let i = 0; i < chunk.frames; i++) {
-      state.frames.push({strip, y: i * height, last: i === chunk.frames - 1, garmentVersion: chunk.garment_version});
+      state.frames.push({strip, y: i * height, index: first + i, last: i === chunk.frames - 1,
+                         garmentVersion: chunk.garment_version});
     }
   }
 
@@ -77,15 +81,16 @@ window.FashionChameleonPlayer = (() => {
   }
 
   function tick(now) {
+    const period = 1000 / state.fps;
+    let skipped = false;
+    while (state.frames.length && state.frames[0].index < state.skipTo) {
+      const frame = state.frames.shift();
+      if (frame.last) frame.strip.close();
+      state.stats.skipped += 1;
+      skipped = true;
+    }
     if (state.frames.length) {
-      const period = 1000 / state.fps;
-      if (state.clock === null) state.clock = now; // the first frame is due now
-      if (state.frames.length > state.fps * MAX_BACKLOG_SECONDS) {
-        const dropped = state.frames.splice(0, state.frames.length - Math.ceil(state.fps * LIVE_EDGE_SECONDS));
-        for (const frame of dropped) if (frame.last) frame.strip.close();
-        state.stats.skipped += dropped.length;
-        state.clock = now - state.played * period; // the next frame is due now
-      }
+      if (state.clock === null || skipped) state.clock = now - state.played * period; // the next frame is due now
       const late = now - (state.clock + state.played * period);
       if (late >= 0) {
         if (state.played > 0 && late > period) { // it came after its time: a stall, and the clock moves on from it
@@ -93,8 +98,10 @@ window.FashionChameleonPlayer = (() => {
           state.stats.stallMs += late;
           state.clock += late;
         }
-        draw(state.frames.shift(), now);
+        const frame = state.frames.shift();
+        draw(frame, now);
         state.played += 1;
+        state.next = frame.index + 1;
       }
     }
     requestAnimationFrame(tick);
@@ -110,12 +117,17 @@ window.FashionChameleonPlayer = (() => {
         state.stream = chunk.stream; state.generation += 1; state.lastChunk = -1;
         for (const frame of state.frames) if (frame.last) frame.strip.close();
         state.frames = []; state.clock = null; state.played = 0;
+        state.pushed = 0; state.next = 0; state.skipTo = 0;
         resetStats();
       }
       if (chunk.chunk <= state.lastChunk) { state.stats.repeats += 1; return; }
       state.lastChunk = chunk.chunk;
+      const first = state.pushed;
+      state.pushed += chunk.frames;
+      // Behind by more than the backlog allows: skip to this chunk (in a burst of late chunks, each skips to itself).
+      if (state.pushed - state.next > chunk.fps * MAX_BACKLOG_SECONDS) state.skipTo = first;
       const generation = state.generation;
-      state.decoding = state.decoding.then(() => decode(chunk, generation)).catch((e) => console.error(e));
+      state.decoding = state.decoding.then(() => decode(chunk, first, generation)).catch((e) => console.error(e));
     },
     get stats() { return state.stats; },
   };
