@@ -9,7 +9,7 @@ readable :class:`UserInputError`. Outputs are H.264 yuv420p mp4 files written as
 H.264 backend: PyAV's bundled libx264 (the av 18 wheels ship it; ``"libx264" in
 av.codecs_available``). It encodes in-process from numpy frames, so no subprocess per chunk,
 no pipe plumbing and no dependency on an ffmpeg binary being on PATH; imageio-ffmpeg's binary
-would also work but costs a process spawn per segment, which matters at 2 segments a second.
+would also work but needs a process and a pipe per video.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ MIN_IMAGE_SIDE = 32
 #: (the whole of a near-limit image in float64 took ~1 GB).
 SCALE_STRIP_PIXELS = 1 << 20
 
-# --- encoding settings (shared by VideoWriter and encode_segment) ---------------------------
+# --- H.264 encoding settings (VideoWriter) -------------------------------------------------
 VIDEO_CODEC = "libx264"
 #: yuv420p is the only H.264 flavour every browser decodes; it needs even width and height.
 PIX_FMT = "yuv420p"
@@ -407,9 +407,6 @@ class VideoWriter:
         *,
         crf: int = CRF,
         preset: str = PRESET,
-        gop: int | None = None,
-        zerolatency: bool = False,
-        container_format: str = "mp4",
     ) -> None:
         if int(fps) <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
@@ -417,12 +414,6 @@ class VideoWriter:
         self.fps = int(fps)
         self.frames_written = 0
         self._options = {"crf": str(crf), "preset": preset}
-        if gop is not None:
-            self._options["g"] = str(int(gop))
-        if zerolatency:
-            # No B-frames and no lookahead: each frame is emitted as soon as it is encoded.
-            self._options.update({"tune": "zerolatency", "bf": "0"})
-        self._format = container_format
         self._container: Any = None
         self._stream: Any = None
         self._size: tuple[int, int] | None = None
@@ -440,9 +431,7 @@ class VideoWriter:
         import av  # imported where video is written, so the engine and the GPU check run without PyAV
 
         # faststart moves the index to the front at close, so browsers can play before downloading.
-        self._container = av.open(
-            str(self.path), mode="w", format=self._format, options={"movflags": "+faststart"}
-        )
+        self._container = av.open(str(self.path), mode="w", format="mp4", options={"movflags": "+faststart"})
         stream = self._container.add_stream(VIDEO_CODEC, rate=self.fps, options=dict(self._options))
         stream.width, stream.height = width, height
         stream.pix_fmt = PIX_FMT

@@ -181,9 +181,9 @@ class StreamService:
         return True
 
     def close_session(self, session: str, cache: str | os.PathLike | None = None) -> None:
-        """The browser left (Gradio's unload): stop its stream, and delete the copies of its streams' segments that the
-        web server kept in `cache` for the page to fetch (nobody will fetch them now). The stream's own handler
-        deletes the service's files."""
+        """The browser left (Gradio's unload): stop its stream, and delete the copies of its streams' mp4s that the web
+        server kept in `cache` for the page to fetch (nobody will fetch them now). The stream's own handler deletes
+        the service's files."""
         self._stop(self.sessions.get(session))
         for stream_id in self.sessions.forget(session):
             if cache is not None:

@@ -91,7 +91,7 @@ class SessionRegistry(ForkSafe):
         self.mailbox = mailbox
         self.folders = folders
         self._sessions: dict[str, SessionStream] = {}
-        self._served: dict[str, list[str]] = {}  # per session, every stream it opened (its segments may be in a cache)
+        self._served: dict[str, list[str]] = {}  # per session, every stream it opened (its mp4 may be in a cache)
         super().__init__()
 
     def _reset_locks(self) -> None:
