@@ -85,9 +85,9 @@ class FakeClock:
 
 def test_pacer_keeps_production_one_lead_ahead_of_playback():
     clock = FakeClock()
-    pacer = Pacer(fps=24, speed=1.0, lead=1.0, clock=clock)
+    pacer = Pacer(fps=24, speed=1.0, clock=clock)
     assert pacer.delay() == 0.0  # nothing produced: start at once
-    pacer.produced(48)  # 2 s of video, produced at t = 100
+    pacer.produced(48, making_seconds=1.0 / pacing.LEAD_FACTOR)  # 2 s of video at t = 100; a lead of 1 s
     assert pacer.delay() == pytest.approx(1.0)  # wait until only 1 s is left to play
     clock.now += 0.25
     assert pacer.delay() == pytest.approx(0.75)
@@ -96,9 +96,9 @@ def test_pacer_keeps_production_one_lead_ahead_of_playback():
 
 
 def test_pacer_speed_scales_and_zero_disables():
-    fast, off = Pacer(24, speed=2.0, lead=1.0, clock=FakeClock()), Pacer(24, speed=0, lead=1.0, clock=FakeClock())
+    fast, off = Pacer(24, speed=2.0, clock=FakeClock()), Pacer(24, speed=0, clock=FakeClock())
     for pacer in (fast, off):
-        pacer.produced(72)  # 3 s of video
+        pacer.produced(72, making_seconds=0.5 / pacing.LEAD_FACTOR)  # 3 s of video; a lead of 1 s of video at 2x
     assert fast.delay() == pytest.approx(1.0)  # (3 - 1) s of video at 2x
     assert off.delay() == 0.0
 

@@ -26,12 +26,10 @@ class Pacer:
     """How long the producer should wait before making the next chunk.
 
     The viewer's clock starts when the first chunk is produced and runs at `speed` x real time (0: no pacing).
-    `lead` fixes the lead in seconds of video instead of following the making times.
     """
 
-    def __init__(self, fps: int, speed: float = 1.0, lead: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.fps, self.speed, self.fixed_lead, self.clock = fps, speed, lead, clock
+    def __init__(self, fps: int, speed: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fps, self.speed, self.clock = fps, speed, clock
         self.video_seconds = 0.0
         self._start: float | None = None
         self._making: deque[float] = deque(maxlen=LEAD_WINDOW)
@@ -45,8 +43,7 @@ class Pacer:
 
     @property
     def lead(self) -> float:
-        if self.fixed_lead is not None:
-            return self.fixed_lead
+        """Seconds of video to keep ahead of the viewer."""
         return max(LEAD_MIN_SECONDS, LEAD_FACTOR * max(self._making, default=0.0) * self.speed)
 
     def delay(self) -> float:
