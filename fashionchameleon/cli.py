@@ -102,12 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds compared at the start and the end of the drift stream")
     ev.add_argument("--json", help="write the results here")
     ev.add_argument("--strip", help="also write a PNG strip of one switch (inputs, streamed frames, ground truth)")
+    ev.add_argument("--drift-strip", help="also write a PNG strip of one --drift-seconds stream, a frame every "
+                                          "--drift-window seconds, above the ground truth")
+    ev.add_argument("--strip-scale", type=_positive, default=4, help="the strips' nearest-neighbour upscale (default 4)")
 
     from .training.config import STAGES
 
     train = sub.add_parser("train", help="train a stage (many GPUs: accelerate launch -m fashionchameleon train ...)")
-    train.add_argument("stage", choices=[*STAGES, "all"],
-                       help="teacher (stage 1), forcing (stage 2), dmd (stage 3), or all three from a recipe")
+    train.add_argument("stage", choices=["codec", *STAGES, "all"],
+                       help="teacher (stage 1), forcing (stage 2), dmd (stage 3), or all of a recipe; codec: the "
+                            "mini recipe's learned codec, trained first")
     train.add_argument("--config", required=True,
                        help="YAML/JSON stage config, or a recipe with a section per stage (configs/tiny.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -172,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .miniworld.evaluate import EvalConfig, evaluate, example_strip, format_results
+    from .miniworld.evaluate import EvalConfig, drift_strip, evaluate, example_strip, format_results
     from .models.causal_wan import CausalWanTransformer3DModel
     from .presets import get_preset
 
@@ -196,9 +200,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_results(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.strip:
-        strip = example_strip(pipe, chunks=args.chunks, switch_chunk=args.switch_chunk, seed=args.seed)
-        Image.fromarray(strip).save(args.strip)
+    strips = {args.strip: lambda: example_strip(pipe, chunks=args.chunks, switch_chunk=args.switch_chunk,
+                                                seed=args.seed),
+              args.drift_strip: lambda: drift_strip(pipe, seconds=args.drift_seconds or 20.0,
+                                                    every_seconds=args.drift_window, seed=args.seed)}
+    for path, make in strips.items():
+        if path:
+            strip = Image.fromarray(make())
+            strip.resize((strip.width * args.strip_scale, strip.height * args.strip_scale), Image.NEAREST).save(path)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -222,12 +231,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .training.codec import train_codec
     from .training.config import parse_overrides, with_overrides
-    from .training.recipe import run_recipe, stage_config
+    from .training.recipe import codec_config, load_recipe, run_recipe, stage_config
     from .training.trainer import Trainer
 
     overrides = parse_overrides(args.set)
-    if args.stage == "all":
+    if args.stage == "codec":
+        config = codec_config(load_recipe(args.config)[0], overrides)
+        if config is None:
+            raise UserInputError(f"{args.config} has no codec section")
+        folder = train_codec(config)
+    elif args.stage == "all":
         if overrides:
             raise UserInputError("--set applies to one stage: name it (teacher, forcing or dmd) instead of all")
         folder = run_recipe(args.config)

@@ -114,7 +114,9 @@ def build_tiny(preset: Preset, seed: int = 0, device: torch.device | str | None 
 
 
 # -- mini: trained in the mini wardrobe world, the default on a CPU -------------------------------------------
-MINI_CODEC_FACTOR = 4  # exact 4x4 space-to-depth: 48 x 64 (w x h) frames -> 48 channels x 16 x 12 latents
+# 4x4 space-to-depth (48 x 64 frames -> 48 channels x 16 x 12), then a learned 48 -> 8 channel encoder/decoder
+# of 2 tiny-autoencoder blocks 96 wide (trained by the recipe's codec stage, configs/mini.yaml)
+MINI_CODEC = dict(factor=4, latent_channels=8, width=96, num_blocks=2)
 MINI_STATS_CLIPS = 64  # miniworld clips whose frames set the codec's channel normalisation
 
 
@@ -127,7 +129,7 @@ def build_mini(preset: Preset, seed: int = 0, device: torch.device | str | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = CausalWanTransformer3DModel(**preset.transformer)
-    codec = AutoencoderPixelShuffle(factor=MINI_CODEC_FACTOR)
+        codec = AutoencoderPixelShuffle(**MINI_CODEC)
     height, width = preset.stream.height, preset.stream.width
     frames = [make_triplet(seed * MINI_STATS_CLIPS + i, 1, height, width).video[0] for i in range(MINI_STATS_CLIPS)]
     codec.fit_channel_stats(torch.stack([image_to_tensor(f) for f in frames], dim=1)[None])
@@ -194,7 +196,7 @@ PRESETS: dict[str, Preset] = {
     "mini": Preset(
         "mini", "trained on the mini wardrobe world (48 wide x 64 tall, 12 fps; real garment switching on a CPU)",
         transformer=dict(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48, out_channels=48,
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8,
             text_dim=32, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", prediction_type="sample",
         ),

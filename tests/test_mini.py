@@ -1,4 +1,4 @@
-"""The `mini` preset (issue 7): its exact codec, x0 parametrisation, world data, one-command training, evaluation,
+"""The `mini` preset (issues 7, 12): its codec (exact, and with the learned part), x0 parametrisation, world data, one-command training, evaluation,
 and the shipped model's measured quality."""
 
 import json
@@ -9,19 +9,21 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, probe_video
 from PIL import Image
 
 from fashionchameleon import media
 from fashionchameleon.miniworld import make_triplet
-from fashionchameleon.miniworld.evaluate import EvalConfig, evaluate
+from fashionchameleon.miniworld.evaluate import EVAL_SEED_OFFSET, EvalConfig, evaluate
 from fashionchameleon.models.vae import AutoencoderPixelShuffle, latent_codec
 from fashionchameleon.pipeline import FashionChameleonPipeline
 from fashionchameleon.presets import DEFAULT_PRESET, get_preset, load_preset
 from fashionchameleon.rollout import StreamConfig
-from fashionchameleon.training.config import DataConfig
+from fashionchameleon.training.codec import reconstruction_error, train_codec
+from fashionchameleon.training.codec import world_frames as codec_frames
+from fashionchameleon.training.config import CodecConfig, DataConfig
 from fashionchameleon.training.data import MiniWorldDataset
 from fashionchameleon.training.recipe import load_recipe, run_recipe
-from helpers import ROOT, probe_video
 
 MINI = get_preset("mini")
 MINI_STREAM = MINI.stream
@@ -57,6 +59,27 @@ def test_pixel_shuffle_codec_is_exact_and_streams_like_a_full_decode():
     assert [codec.pixel_frames(3, first=f) for f in (True, False)] == [3, 3]
     # negative control: the Wan codec of the same pipeline slot is a different adapter
     assert type(codec).__name__ == "PixelShuffleCodec"
+
+
+def test_learned_codec_trains_on_world_frames_and_streams_like_a_full_decode(tmp_path):
+    held_out = codec_frames(EVAL_SEED_OFFSET, 4, 3, MINI_STREAM.height, MINI_STREAM.width)
+    untrained = load_preset("mini", random_weights=True, device="cpu")[1].vae
+    folder = train_codec(CodecConfig(output_dir=str(tmp_path), max_steps=80, clips=8, clip_frames=3, eval_clips=2,
+                                     stats_clips=4, log_every=40))
+    vae = AutoencoderPixelShuffle.from_pretrained(folder)
+    assert vae.latent_channels == MINI.transformer["in_channels"] == 8
+    # negative control: the same architecture untrained
+    assert reconstruction_error(vae, held_out) < 0.5 * reconstruction_error(untrained, held_out)
+    codec = latent_codec(vae)
+    video = world_frames(2)
+    latents = codec.encode_video(video)
+    assert latents.shape == (2, 8, 5, MINI_STREAM.height // 4, MINI_STREAM.width // 4)
+    assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # normalised on world frames
+    decoder = codec.stream_decoder()
+    streamed = torch.cat([decoder.decode(latents[:, :, :2]), decoder.decode(latents[:, :, 2:])], dim=2)
+    assert torch.equal(streamed, codec.decode_video(latents)) and decoder.frames_out == 5
+    log = (tmp_path / "loss.csv").read_text().splitlines()
+    assert log[0] == "step,elapsed_s,loss,held_out_l1" and len(log) == 3
 
 
 def test_mini_pipeline_folder_round_trips_codec_and_video(tmp_path):
@@ -129,6 +152,8 @@ def test_mini_recipe_trains_the_preset_in_its_world():
     assert dmd.export_pipeline and teacher.data.layout == "miniworld" and teacher.data.garment_drop_prob > 0
     assert {c.preset for c in (teacher, forcing, dmd)} == {"mini"} and MINI.teacher.guidance_condition == "garment"
     assert teacher.stream_config() == MINI_STREAM  # the recipe trains at the size the preset streams
+    raw = load_recipe(ROOT / "configs" / "mini.yaml")[0]
+    assert {c.model.codec for c in (teacher, forcing, dmd)} == {f"{raw['output_dir']}/codec/vae"}  # trained first
 
 
 def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path):
@@ -139,6 +164,7 @@ def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path
                    "log_every": 1, "checkpoint_every": 2, "mixed_precision": "no",
                    "data": {"layout": "miniworld", "num_frames": 6, "num_workers": 0, "clips": 4},
                    "model": {"random_weights": True, "gradient_checkpointing": False}},
+        "codec": {"max_steps": 2, "clips": 2, "clip_frames": 1, "eval_clips": 1, "stats_clips": 1},
         "teacher": {"data": {"garment_drop_prob": 0.5}},
         "forcing": {},
         "dmd": {"generator_every": 1, "reward": {"kind": "none"}},
@@ -151,6 +177,11 @@ def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path
     trained = pipe.transformer.state_dict()
     fresh = load_preset("mini", random_weights=True, device="cpu")[1].transformer.state_dict()
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # the exported weights were trained
+    # every stage used the codec the recipe trained first, and the student ships it
+    codec = AutoencoderPixelShuffle.from_pretrained(tmp_path / "runs" / "codec" / "vae").state_dict()
+    fresh_codec = load_preset("mini", random_weights=True, device="cpu")[1].vae.state_dict()
+    assert all(torch.equal(pipe.vae.state_dict()[k], v) for k, v in codec.items())
+    assert not all(torch.equal(fresh_codec[k], v) for k, v in codec.items())
 
 
 # -- evaluation of the shipped model ------------------------------------------------------------------------------
@@ -209,11 +240,18 @@ def test_cli_eval_writes_json_and_bad_modes_are_one_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "teleport" in bad.stderr
     out = tmp_path / "eval.json"
     good = run("--clips", "1", "--chunks", "4", "--switch-chunk", "2", "--modes", "full", "--drift-seconds", "2",
-               "--drift-window", "0.5", "--json", str(out))
+               "--drift-window", "0.5", "--json", str(out), "--strip", str(tmp_path / "switch.png"),
+               "--drift-strip", str(tmp_path / "drift.png"))
     assert good.returncode == 0, good.stderr
     result = json.loads(out.read_text())
     assert result["preset"] == "mini" and {"ground_truth", "student/full", "teacher", "student", "student/drift_2s",
                                            "ground_truth/drift_2s"} <= set(result["rows"])
+    # 4x nearest-neighbour strips: the switch's inputs + every 2nd of 12 frames; the drift's inputs + 0, 0.5, 1, 1.5 s
+    width, height = MINI_STREAM.width * 4, MINI_STREAM.height * 4
+    assert Image.open(tmp_path / "switch.png").size == ((3 + 6) * width, 2 * height)
+    drift = np.asarray(Image.open(tmp_path / "drift.png"))
+    assert drift.shape[:2] == (2 * height, (2 + 4) * width)
+    assert (drift[::4, ::4].repeat(4, 0).repeat(4, 1) == drift).all()  # each pixel a 4 x 4 block
 
 
 def test_examples_are_the_worlds_and_regenerate_exactly(tmp_path):

@@ -322,6 +322,32 @@ def test_gr_dmd_step_with_the_world_reward_weights_the_worse_chunk(tmp_path):
     assert not torch.equal(weights, plain)
 
 
+def test_extended_dmd_rollout_streams_through_the_window_and_scores_its_last_clip(tmp_path):
+    """`rollout_chunks`: the rollout is the stream a visitor gets (the preset's window, evicting), and DMD sees its
+    last clip-length of chunks, with gradient; the paper's rollout (0) is that stream's first chunks."""
+    base = load_config(CONFIGS / "dmd_mini_ablation.yaml", "dmd")
+    base = replace(base, batch_size=1, export_pipeline=False, data=replace(base.data, num_workers=0))
+    extended = Trainer(replace(base, output_dir=str(tmp_path / "extended"), rollout_chunks=5))
+    paper = Trainer(replace(base, output_dir=str(tmp_path / "paper")))
+    batch = extended.next_batch()
+
+    def rngs():
+        return Rngs(local=torch.Generator().manual_seed(3), shared=torch.Generator().manual_seed(4))
+
+    window, _ = extended.loss.rollout(batch, rngs())
+    with torch.no_grad():
+        first, _ = paper.loss.rollout(batch, rngs())
+        rng = rngs()
+        exit_step = int(torch.randint(len(paper.loss.sigmas), (), generator=rng.shared))
+        stream = Rollout(paper.loss.generator_module, get_preset("mini").stream, paper.loss.sigmas,
+                         batch.condition[:, :, :1], batch.condition[:, :, 1:2], batch.text, rng.local,
+                         exit_step=exit_step).rollout(5)
+    assert window.shape[2] == first.shape[2] == 9 and window.requires_grad
+    assert torch.allclose(window, stream[:, :, 6:], atol=1e-5)  # the stream's chunks 3-5, after eviction began
+    assert torch.allclose(first, stream[:, :, :9], atol=1e-5)
+    assert (window - first).abs().max() > 0.1  # negative control: not the first chunks
+
+
 # -- configs --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*_*.yaml")), ids=lambda p: p.name)
 def test_shipped_stage_configs_load(path):
@@ -351,8 +377,9 @@ def test_grdmd_ablation_arms_differ_only_in_the_reward_kind():
     assert replace(world, reward=plain.reward, output_dir=plain.output_dir) == plain
     recipe = stage_config(CONFIGS / "mini.yaml", "dmd")
     assert replace(plain, model=recipe.model, output_dir=recipe.output_dir, reward=recipe.reward) == recipe
-    assert (plain.model.init, plain.model.teacher) == ("fashionchameleon/assets/mini/transformer",
-                                                       "fashionchameleon/assets/mini-teacher")
+    assert (plain.model.init, plain.model.teacher, plain.model.codec) == (
+        "fashionchameleon/assets/mini/transformer", "fashionchameleon/assets/mini-teacher",
+        "fashionchameleon/assets/mini/vae")  # the codec the shipped weights were trained on, not a fresh one
 
 
 @pytest.mark.parametrize("pairs, message", [(["max_steps"], "KEY=VALUE"), (["reward..kind=x"], "dotted KEY"),

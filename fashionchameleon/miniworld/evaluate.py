@@ -255,5 +255,22 @@ def example_strip(pipe, index: int = 0, chunks: int = 8, switch_chunk: int = 4, 
     return np.concatenate([top, bottom], axis=0)
 
 
-__all__ = ["EVAL_SEED_OFFSET", "EvalConfig", "evaluate", "example_strip", "format_results", "held_out_clip",
+def drift_strip(pipe, index: int = 0, seconds: float = 20.0, every_seconds: float = 2.0, seed: int = 0) -> np.ndarray:
+    """uint8 image: inputs (reference, garment) then a frame every `every_seconds` of a `seconds` stream without a
+    switch (the drift rows' stream), above the same frames of the ground truth."""
+    chunks, frames, _ = _drift_timing(pipe, seconds, every_seconds)
+    height, width = pipe.stream.height, pipe.stream.width
+    clip = held_out_clip(index, 2, 1, height, width)  # its inputs; the truth of the long stream is rendered below
+    video = _stream(StreamingEngine(pipe), clip, chunks, seed, {})
+    truth, _ = render(clip.person, clip.garment, clip.motion, frames, height, width)
+    shown = np.arange(0, frames, round(every_seconds * pipe.stream.fps))
+    inputs = [np.asarray(image) for image in clip.images[:2]]
+    blank = np.full_like(inputs[0], 255)
+    top = np.concatenate([*inputs, *video[shown]], axis=1)
+    bottom = np.concatenate([blank, blank, *truth[shown]], axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+__all__ = ["EVAL_SEED_OFFSET", "EvalConfig", "drift_strip", "evaluate", "example_strip", "format_results",
+           "held_out_clip",
            "score_drift", "score_video"]

@@ -1,5 +1,5 @@
-"""Latent codecs behind one interface: diffusers' `AutoencoderKLWan` (Wan2.2 VAE) and the `mini` preset's exact
-pixel-shuffle codec, each with a streaming decoder.
+"""Latent codecs behind one interface: diffusers' `AutoencoderKLWan` (Wan2.2 VAE) and the `mini` preset's
+frame-wise pixel-shuffle codec, each with a streaming decoder.
 
 The Wan VAE is causal in time: every `WanCausalConv3d` keeps the last two input frames of the previous call in a
 feature cache. The stock `vae.decode` clears that cache at the start and end of each call, so decoding a stream
@@ -225,18 +225,35 @@ class StreamingDecoder:
 
 
 class AutoencoderPixelShuffle(ModelMixin, ConfigMixin):
-    """The `mini` preset's codec as a diffusers model (so a pipeline folder saves and loads it): an exact,
-    parameter-free space-to-depth. `factor` x `factor` pixel blocks become `3 factor^2` channels, one latent per
-    frame. Its only tensors are the buffers `latents_mean`/`latents_std` that normalise the channels (set from
-    data with `fit_channel_stats`). Lossless by construction, so the transformer alone decides what the video
-    looks like."""
+    """The `mini` preset's codec as a diffusers model (so a pipeline folder saves and loads it), one latent per
+    frame: an exact space-to-depth (`factor` x `factor` pixel blocks become `3 factor^2` channels), then, with
+    `latent_channels`, a small learned encoder/decoder at that resolution (diffusers' tiny-autoencoder blocks)
+    that compresses those channels to `latent_channels`.
+
+    Without `latent_channels` it is parameter-free and lossless: a transformer token of 2x2 latents then carries
+    3 x 8 x 8 pixel values and must draw every pixel itself. The learned codec (trained by
+    `training.codec.train_codec`) hands the transformer 4 x `latent_channels` numbers a token and lets its decoder
+    draw the flat colours and patterns of the world. The buffers `latents_mean`/`latents_std` normalise the
+    channels (set from data with `fit_channel_stats`)."""
 
     @register_to_config
-    def __init__(self, factor: int = 4) -> None:
+    def __init__(self, factor: int = 4, latent_channels: int | None = None, width: int = 96,
+                 num_blocks: int = 2) -> None:
         super().__init__()
-        channels = 3 * factor**2
+        from diffusers.models.autoencoders.vae import DecoderTiny, EncoderTiny
+
+        packed = 3 * factor**2
+        channels = latent_channels or packed
+        if latent_channels:
+            self.encoder = EncoderTiny(packed, latent_channels, (num_blocks,), (width,), "relu")
+            # one stage, so no upsampling inside: the pixel shuffle does it
+            self.decoder = DecoderTiny(latent_channels, packed, (num_blocks,), (width,), 1, "relu", "nearest")
         self.register_buffer("latents_mean", torch.zeros(channels))
         self.register_buffer("latents_std", torch.ones(channels))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.latents_mean.numel())
 
     @torch.no_grad()
     def fit_channel_stats(self, video: torch.Tensor) -> None:
@@ -246,17 +263,25 @@ class AutoencoderPixelShuffle(ModelMixin, ConfigMixin):
         self.latents_std.copy_(z.std(dim=1).clamp_min(1e-3))
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] -> raw latents [B, 3 factor^2, F, H/factor, W/factor]."""
+        """[B, 3, F, H, W] -> raw latents [B, C, F, H/factor, W/factor]."""
         b, _, f, h, w = video.shape
         frames = video.transpose(1, 2).reshape(b * f, 3, h, w)
         z = torch.nn.functional.pixel_unshuffle(frames, self.config.factor)
+        if self.config.latent_channels:
+            # EncoderTiny maps its input from [-1, 1] to [0, 1] first, as TAESD's does
+            z = self.encoder(z)
         return z.reshape(b, f, *z.shape[1:]).transpose(1, 2)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of `encode`, clamped to [-1, 1]."""
+    def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Inverse of `encode` (exact without `latent_channels`), clamped to [-1, 1] (training takes it
+        unclamped: the clamp has no gradient outside)."""
         b, c, f, h, w = z.shape
-        frames = torch.nn.functional.pixel_shuffle(z.transpose(1, 2).reshape(b * f, c, h, w), self.config.factor)
-        return frames.reshape(b, f, *frames.shape[1:]).transpose(1, 2).clamp(-1.0, 1.0)
+        frames = z.transpose(1, 2).reshape(b * f, c, h, w)
+        if self.config.latent_channels:
+            frames = self.decoder(frames)
+        frames = torch.nn.functional.pixel_shuffle(frames, self.config.factor)
+        frames = frames.reshape(b, f, *frames.shape[1:]).transpose(1, 2)
+        return frames.clamp(-1.0, 1.0) if clamp else frames
 
 
 class PixelShuffleCodec(WanLatentCodec):
@@ -273,7 +298,7 @@ class PixelShuffleCodec(WanLatentCodec):
 
     @property
     def latent_channels(self) -> int:
-        return 3 * self.vae.config.factor**2
+        return self.vae.latent_channels
 
     def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.vae.latents_mean.detach().float().cpu(), self.vae.latents_std.detach().float().cpu()

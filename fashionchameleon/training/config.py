@@ -61,6 +61,7 @@ class ModelConfig:
     random_weights: bool = False  # start from fresh random weights of the preset's architecture
     init: str | None = None  # trained transformer weights (folder, .safetensors or model.pt); None: the pipeline's
     teacher: str | None = None  # DMD: stage-1 weights for the frozen real score and the critic's start
+    codec: str | None = None  # a trained frame codec folder (the recipe's codec stage) that replaces the preset's vae
     gradient_checkpointing: bool = True
 
 
@@ -165,12 +166,38 @@ class DMDConfig(TrainConfig):
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     timestep_range: tuple[float, float] = (0.02, 0.98)  # DMD/critic t, as a fraction of the training steps
     context_noise: float = 0.0  # sigma of the noise in the rollout's commit pass (authors' training: ~0.005)
+    rollout_chunks: int = 0  # 0: a rollout as long as a training clip, which never evicts (the paper). More: the
+    #   rollout streams in the preset's window, evicting as a long stream does, and DMD and the critic score its last
+    #   clip's worth of chunks (Self-Forcing++'s extended rollouts, against drift; the earlier chunks carry no gradient)
     ema_decay: float = 0.99
     ema_start_step: int = 200
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-6, betas=(0.0, 0.999), grad_clip=10.0))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-7, betas=(0.0, 0.999),
                                                                           grad_clip=10.0))
+
+
+@dataclass
+class CodecConfig:
+    """The `mini` codec's learned part (training/codec.py), trained on world frames before the three stages; its
+    architecture is the preset's (`presets.MINI_CODEC`). Steps take about 0.1 s on 2 CPU cores."""
+
+    preset: str = "mini"
+    output_dir: str = "runs/codec"
+    seed: int = 0
+    max_steps: int = 8_000
+    max_seconds: float = 0.0  # also stop once it has trained this long (0: no limit)
+    batch_size: int = 32  # frames
+    clips: int = 3_000  # world clips whose frames (video, reference, flat-lay garment) make the training pool
+    clip_frames: int = 9  # video frames rendered per clip
+    stats_clips: int = 64  # the first clips of the pool, whose latents set the channel normalisation
+    log_every: int = 250
+    eval_clips: int = 16  # held-out clips (from EVAL_SEED_OFFSET) whose reconstruction error is logged
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=100,
+                                                                   decay_steps=(4_000, 6_000, 7_500)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 STAGES: dict[str, type[TrainConfig]] = {c.stage: c for c in (TeacherConfig, ForcingConfig, DMDConfig)}
@@ -237,6 +264,11 @@ def config_from_dict(stage: str, values: dict[str, Any]) -> TrainConfig:
     config = _build(STAGES[stage], values, "")
     config.stream_config()
     return config
+
+
+def build_config(cls: type, values: dict[str, Any]):
+    """A config dataclass (one without stages: the codec's) from nested `values`, checked like a stage's."""
+    return _build(cls, values, "")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, default: Any = None):

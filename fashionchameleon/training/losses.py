@@ -206,11 +206,15 @@ class GRDMDLoss(StageLoss):
         if (frames - 1) % temporal or stream.height % spatial or stream.width % spatial:
             raise UserInputError(f"data.num_frames must be 1 + {temporal} k and the frame size a multiple of "
                                  f"{spatial}, got {frames} frames of {stream.width}x{stream.height}")
-        video_frames = (frames - 1) // temporal + 1  # the rollout is as long as a training clip
+        video_frames = (frames - 1) // temporal + 1  # DMD scores a training clip's length
         self.num_chunks = num_chunks(video_frames, stream.chunk_frames)
-        # The training rollout never evicts (docs/method.md §3.3): sink = first chunk, history = all later chunks.
-        self.rollout_stream = replace(stream, sink_frames=stream.chunk_frames,
-                                      history_frames=video_frames - stream.chunk_frames)
+        self.lead_chunks = max(config.rollout_chunks - self.num_chunks, 0)  # streamed first, without gradient
+        if self.lead_chunks:
+            self.rollout_stream = stream  # the window a long stream has, eviction included
+        else:
+            # The paper's rollout never evicts (docs/method.md §3.3): sink = first chunk, history = all later chunks.
+            self.rollout_stream = replace(stream, sink_frames=stream.chunk_frames,
+                                          history_frames=video_frames - stream.chunk_frames)
         self.sigmas = pipe.student_sigmas(stream.denoising_steps)
         self.guidance_condition = get_preset(config.preset).teacher.guidance_condition
         blank = media.blank_garment(stream.width, stream.height)
@@ -243,11 +247,15 @@ class GRDMDLoss(StageLoss):
     # -- the paper's operations ----------------------------------------------------------------------------
     def rollout(self, batch: Batch, rng: Rngs) -> tuple[torch.Tensor, int]:
         """Self-forcing rollout of the generator [B, C, F, h, w] and its exit step (docs/method.md §3.7). Gradient flows
-        only through each chunk's exit-step forward, and only if grad is enabled."""
+        only through each chunk's exit-step forward, and only if grad is enabled; with `rollout_chunks`, the lead
+        chunks stream first without gradient and only the last clip's worth of chunks is returned."""
         exit_step = int(torch.randint(len(self.sigmas), (), generator=rng.shared))  # CPU generator: no device sync
         rollout = Rollout(self.generator_module, self.rollout_stream, self.sigmas, batch.condition[:, :, :1],
                           batch.condition[:, :, 1:2], batch.text, rng.local, model=self.networks["generator"],
                           exit_step=exit_step, context_noise=self.config.context_noise)
+        if self.lead_chunks:
+            with torch.no_grad():
+                rollout.rollout(self.lead_chunks)
         return rollout.rollout(self.num_chunks).float(), exit_step
 
     def noise_level(self, batch_size: int, rng: Rngs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""All three stages from one file: `python -m fashionchameleon train all --config configs/mini.yaml`, or one
-stage of it: `python -m fashionchameleon train teacher --config configs/mini.yaml`.
+"""All stages from one file: `python -m fashionchameleon train all --config configs/mini.yaml`, or one stage of
+it: `python -m fashionchameleon train teacher --config configs/mini.yaml`.
 
 A recipe file holds `output_dir`, `export` (where the final student pipeline goes), `shared` (keys every stage
 gets) and one section per stage (`teacher`, `forcing`, `dmd`) over that stage's defaults. The runner chains the
 weights as the paper does: forcing starts from the teacher, DMD's generator from forcing and its real score and
 critic from the teacher. Each stage resumes from its own checkpoints, so a killed run continues where it stopped.
+An optional `codec` section (mini) trains the codec's learned part first; every stage then uses that codec.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ from typing import Any
 import yaml
 
 from ..errors import UserInputError
-from .config import STAGES, TrainConfig, config_from_dict, load_config, merge_values
+from .codec import CODEC_EXPORT, train_codec
+from .config import STAGES, CodecConfig, TrainConfig, build_config, config_from_dict, load_config, merge_values
 from .trainer import PIPELINE_EXPORT, TRANSFORMER_EXPORT, Trainer
 
-RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", *STAGES}
+CODEC = "codec"
+RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", CODEC, *STAGES}
+
+
+def codec_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> CodecConfig | None:
+    """The recipe's codec stage (None when it has none), in `<output_dir>/codec`, with the shared preset and seed."""
+    if CODEC not in raw:
+        return None
+    shared = {key: value for key, value in (raw.get("shared") or {}).items() if key in ("preset", "seed")}
+    values = merge_values(merge_values(shared, raw[CODEC] or {}), overrides or {})
+    return build_config(CodecConfig, {**values, "output_dir": str(Path(raw["output_dir"]) / CODEC)})
 
 
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
@@ -39,9 +51,11 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
     chained = {"teacher": {}, "forcing": {"model": {"init": trained["teacher"]}},
                "dmd": {"model": {"init": trained["forcing"], "teacher": trained["teacher"]},
                        "export_pipeline": True}}
+    codec = {"model": {"codec": str(out / CODEC / CODEC_EXPORT)}} if CODEC in raw else {}
     configs = []
     for stage in STAGES:
         values = merge_values(merge_values(raw.get("shared") or {}, raw[stage] or {}), chained[stage])
+        values = merge_values(values, codec)
         configs.append(config_from_dict(stage, {**values, "output_dir": str(out / stage)}))
     return raw, configs
 
@@ -61,6 +75,9 @@ def stage_config(path: str | Path, stage: str) -> TrainConfig:
 def run_recipe(path: str | Path) -> Path:
     """Train every stage in order (a finished stage is not retrained), copy the exports; returns the student."""
     raw, configs = load_recipe(path)
+    codec = codec_config(raw)
+    if codec is not None and not (Path(codec.output_dir) / CODEC_EXPORT / "config.json").is_file():
+        train_codec(codec)
     for config in configs:
         done = Path(config.output_dir) / TRANSFORMER_EXPORT / "config.json"
         if not done.is_file():

@@ -75,6 +75,10 @@ def load_pipeline(config: TrainConfig, *, text_encoder: bool) -> FashionChameleo
                           seed=model.seed, text_encoder=text_encoder)
     if not text_encoder:
         pipe.register_modules(text_encoder=None)
+    if model.codec is not None:
+        from ..models.vae import AutoencoderPixelShuffle
+
+        pipe.register_modules(vae=AutoencoderPixelShuffle.from_pretrained(model.codec))
     pipe.register_to_config(stream=config.stream_config().to_dict())
     return pipe
 
