@@ -43,15 +43,16 @@ def rms(x: torch.Tensor) -> float:
 # -- precision ------------------------------------------------------------------------------------------------------
 def test_bf16_stream_tracks_fp32():
     """The trained mini model streamed in bf16 stays within a measured bound of fp32, chunk after chunk and across a
-    switch (measured: rms 0.014-0.025 per chunk, no growth; latents' rms 1.26). Negative control: another seed."""
+    switch (measured: rms 0.006-0.010 per chunk, no growth; latents' rms 1.15). Negative control: another seed (rms
+    0.17-0.21 from this one: the trained model's output depends on its noise less than on its inputs)."""
     _, fp32 = load_preset("mini", device="cpu")
     _, bf16 = load_preset("mini", device="cpu")
     cast_except_fp32_modules(bf16.transformer, torch.bfloat16)
     reference = stream_latents(fp32)
     error = stream_latents(bf16) - reference
     per_chunk = error.pow(2).mean(dim=(0, 1, 3, 4)).sqrt().view(-1, 3).mean(dim=1)
-    assert float(per_chunk.max()) < 0.05, per_chunk
-    assert rms(stream_latents(fp32, seed=1) - reference) > 0.3
+    assert float(per_chunk.max()) < 0.03, per_chunk
+    assert rms(stream_latents(fp32, seed=1) - reference) > 0.1
 
 
 def test_sigma_arithmetic_is_fp32(tiny):

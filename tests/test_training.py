@@ -307,10 +307,16 @@ def test_gr_dmd_step_with_the_world_reward_weights_the_worse_chunk(tmp_path):
     truths = [world_clip(int(clip)) for clip in batch.clip]
     references = torch.stack([media.image_to_tensor(truth.reference) for truth, _ in truths])
     assert torch.equal(batch.condition[:, :, :1], trainer.codec.encode_image(references))  # clip = the sample
-    videos = [corrupted if b == 0 else truth.video for b, (truth, corrupted) in enumerate(truths)]
+    # Through the shipped learned codec the exact metrics see little (they judge colours, and the codec's small colour
+    # errors cost the truth about 0.6 of its score): erase the person in sample 0's chunk 1 (the background everywhere).
+    videos = [truth.video.copy() for truth, _ in truths]
+    videos[0][3:6] = videos[0][3:6, :1, :1]
     latents = trainer.codec.encode_video(frames_tensor(videos))
     weights, reward = loss.frame_weights(latents, batch)
-    assert weights[0, 3] > weights[0, 6] > weights[0, 0]  # the wrong garment is the worst chunk, the head next
+    assert weights[0, 3] > weights[0, 0] and weights[0, 3] > weights[0, 6]  # the erased chunk weighs the most
+    decoded_reward = WorldReward()(trainer.codec.decode_video(latents), batch)
+    assert torch.equal(weights, chunk_weights(decoded_reward, temporal_factor=1, chunk_frames=3,
+                                              temperature=config.reward.temperature))  # the reward of what it decodes
     assert torch.isfinite(reward)
     # Equal scores (every frame the first one) are plain DMD's uniform weights, bit for bit; the equivalence of
     # uniform weights with plain DMD's loss and gradient is test_gr_dmd_with_uniform_weights_is_plain_dmd.
@@ -328,7 +334,7 @@ def test_extended_dmd_rollout_streams_through_the_window_and_scores_its_last_cli
     base = load_config(CONFIGS / "dmd_mini_ablation.yaml", "dmd")
     base = replace(base, batch_size=1, export_pipeline=False, data=replace(base.data, num_workers=0))
     extended = Trainer(replace(base, output_dir=str(tmp_path / "extended"), rollout_chunks=5))
-    paper = Trainer(replace(base, output_dir=str(tmp_path / "paper")))
+    paper = Trainer(replace(base, output_dir=str(tmp_path / "paper"), rollout_chunks=0))
     batch = extended.next_batch()
 
     def rngs():

@@ -31,7 +31,7 @@ def codec_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
         return None
     shared = {key: value for key, value in (raw.get("shared") or {}).items() if key in ("preset", "seed")}
     values = merge_values(merge_values(shared, raw[CODEC] or {}), overrides or {})
-    return build_config(CodecConfig, {**values, "output_dir": str(Path(raw["output_dir"]) / CODEC)})
+    return build_config(CodecConfig, {"output_dir": str(Path(raw["output_dir"]) / CODEC), **values})
 
 
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
