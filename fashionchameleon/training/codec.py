@@ -3,10 +3,10 @@
 flat colours, edges and patterns of the world (issue 12: the exact codec left every pixel to a 128-wide
 transformer, which showed as 8x8-pixel blocks and noise).
 
-An ordinary autoencoder, L1 on pixels, with TAESD's blocks and activations. (Noisy latents for the decoder, tried
-so that it would draw clean frames from the transformer's imperfect estimates, twice collapsed the training to a
-constant output: behind the decoder's tanh, saturated latents are immune to the noise.) The run is short
-(minutes), so it keeps no checkpoints: a finished export is not retrained, an unfinished run starts over.
+An ordinary autoencoder, L1 on pixels, with TAESD's blocks and activations. (Noisy latents for the decoder, so that
+it would draw clean frames from the transformer's imperfect estimates, were tried with SiLU blocks and twice
+collapsed the training to a constant output; the cause was not isolated.) The run is short (minutes), so it keeps
+no checkpoints: a finished export is not retrained, an unfinished run starts over.
 """
 
 from __future__ import annotations
