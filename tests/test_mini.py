@@ -65,8 +65,8 @@ def test_pixel_shuffle_codec_is_exact_and_streams_like_a_full_decode():
 def test_learned_codec_trains_on_world_frames_and_streams_like_a_full_decode(tmp_path):
     held_out = codec_frames(EVAL_SEED_OFFSET, 4, 3, MINI_STREAM.height, MINI_STREAM.width)
     untrained = load_preset("mini", random_weights=True, device="cpu")[1].vae
-    folder = train_codec(CodecConfig(output_dir=str(tmp_path), max_steps=80, clips=8, clip_frames=3, eval_clips=2,
-                                     stats_clips=4, log_every=40))
+    folder = train_codec(CodecConfig(output_dir=str(tmp_path), max_steps=40, clips=8, clip_frames=3, eval_clips=2,
+                                     stats_clips=4, log_every=20))
     vae = AutoencoderPixelShuffle.from_pretrained(folder)
     assert vae.latent_channels == MINI.transformer["in_channels"] == 8
     # negative control: the same architecture untrained
