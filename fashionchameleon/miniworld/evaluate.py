@@ -261,11 +261,7 @@ def example_strip(pipe, index: int = 0, chunks: int = 8, switch_chunk: int = 4, 
     switch_frame, frames = _switch_timing(pipe, chunks, switch_chunk)
     clip = held_out_clip(index, frames, switch_frame, pipe.stream.height, pipe.stream.width)
     video = _stream(engine, clip, chunks, seed, {switch_chunk: clip.images[2]})
-    inputs = [np.asarray(image) for image in clip.images]
-    blank = np.full_like(inputs[0], 255)
-    top = np.concatenate([*inputs, *video[::every]], axis=1)
-    bottom = np.concatenate([blank, blank, blank, *clip.truth[::every]], axis=1)
-    return np.concatenate([top, bottom], axis=0)
+    return _strip(clip.images, video[::every], clip.truth[::every])
 
 
 def drift_strip(pipe, index: int = 0, seconds: float = 20.0, every_seconds: float = 2.0, seed: int = 0) -> np.ndarray:
@@ -277,13 +273,17 @@ def drift_strip(pipe, index: int = 0, seconds: float = 20.0, every_seconds: floa
     video = _stream(StreamingEngine(pipe), clip, chunks, seed, {})
     truth, _ = render(clip.person, clip.garment, clip.motion, frames, height, width)
     shown = np.arange(0, frames, round(every_seconds * pipe.stream.fps))
-    inputs = [np.asarray(image) for image in clip.images[:2]]
+    return _strip(clip.images[:2], video[shown], truth[shown])
+
+
+def _strip(inputs: tuple[Image.Image, ...], video: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The inputs then the video's frames in a row, above white under the inputs then the truth's frames."""
+    inputs = [np.asarray(image) for image in inputs]
     blank = np.full_like(inputs[0], 255)
-    top = np.concatenate([*inputs, *video[shown]], axis=1)
-    bottom = np.concatenate([blank, blank, *truth[shown]], axis=1)
+    top = np.concatenate([*inputs, *video], axis=1)
+    bottom = np.concatenate([blank] * len(inputs) + list(truth), axis=1)
     return np.concatenate([top, bottom], axis=0)
 
 
 __all__ = ["EVAL_SEED_OFFSET", "EvalConfig", "drift_strip", "evaluate", "example_strip", "format_results",
-           "held_out_clip",
-           "score_drift", "score_video"]
+           "held_out_clip", "score_drift", "score_video"]
