@@ -276,6 +276,11 @@ def test_world_reward_scores_truth_high_and_exactly_the_corrupted_frames_lower()
     assert torch.equal(bad[:3], clean[:3])  # untouched frames score exactly as before
     assert (bad[3:6] < clean[3:6] - 0.3).all()  # wrong garment colour
     assert (bad[6:] < clean[6:] - 0.2).all()  # head painted over
+    # The person erased is the worst frame of all: identity alone judges its background exact, so without the
+    # presence factor it would score 0.5, above the truth through a learned codec (measured 0.19-0.32).
+    erased = np.broadcast_to(truth.person.background(*truth.video.shape[1:3]), truth.video.shape).astype(np.uint8)
+    (gone,) = WorldReward()(frames_tensor([erased]), replace(batch, clip=batch.clip[:1]))
+    assert (gone < 0.05).all()
     # Negative control: the same frames judged as another clip's (another person and garment) score low.
     other = WorldReward()(frames_tensor([truth.video]), replace(batch, clip=torch.tensor([WORLD_CLIP + 1])))
     assert (other[0] < clean - 0.3).all()

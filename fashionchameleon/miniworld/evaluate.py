@@ -41,8 +41,6 @@ from . import metrics
 from .world import Garment, Motion, Person, make_triplet, render, sample_garment
 
 EVAL_SEED_OFFSET = 1_000_000
-#: Parts whose areas say the person is all still there (`score_drift`): hair and skin hold the head.
-PRESENCE_PARTS = ("hair", "skin", "legs")
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,8 @@ def score_drift(video: np.ndarray, clip: Clip, window: int) -> dict[str, float]:
     and a difference reads on the same scale as every other colour error. `drift_identity` is last over first:
     scores lie in (0, 1], so the ratio is 1 without drift and the share of identity kept otherwise. Identity only
     judges the pixels it finds in a part's colour, so a part that vanishes (a lost head) escapes it:
-    `drift_presence` is the mean over `PRESENCE_PARTS` of each part's area, last over first (1: all still there).
+    `drift_presence` is the mean over `metrics.PRESENCE_PARTS` of each part's area, last over first (1: all still
+    there).
     """
     garment_image = clip.garment.flat_lay(video.shape[1:3])
     row, areas = {}, {}
@@ -130,7 +129,7 @@ def score_drift(video: np.ndarray, clip: Clip, window: int) -> dict[str, float]:
         fidelity = metrics.garment_fidelity(frames, masks["garment"], garment_image)
         row[f"colour_error_{name}"] = np.nanmean(fidelity.colour_error)
         row[f"identity_{name}"] = np.nanmean(metrics.identity_fidelity(frames, masks, clip.person).score)
-        areas[name] = np.array([masks[part].sum() for part in PRESENCE_PARTS], dtype=np.float64)
+        areas[name] = metrics.part_areas(masks).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         presence = np.where(areas["first"] > 0, areas["last"] / areas["first"], np.nan)  # a part never there: skip
     row.update(drift_colour_error=row["colour_error_last"] - row["colour_error_first"],

@@ -45,6 +45,7 @@ MAX_DOT_SHARE = 0.35  # dots cover pi 0.28^2 = 0.25 of the garment (measured <= 
 MIN_PALETTE_FIT = 0.8  # share of garment pixels near one of its two colours for a pattern to be read at all: the
 # world's garments are two flat colours (1.0); the shipped mini's smeared garments measured 0.01-0.47
 PALETTE_FIT_DISTANCE = 30.0  # RGB: a pixel this close to a palette colour is that colour (world keeps >= 80 apart)
+PRESENCE_PARTS = ("hair", "skin", "legs")  # parts whose areas say the person is all still there (hair, skin: head)
 SOLID, STRIPES, CHECKS, DOTS = PATTERNS  # the world's pattern names, in its order
 NO_PATTERN = ""  # `pattern_class` of a frame with no garment, or one that is not two flat colours: matches none
 
@@ -218,6 +219,12 @@ def estimate_masks(video: np.ndarray, person: Person) -> dict[str, np.ndarray]:
              for name, colour in (("hair", person.hair), ("skin", person.skin), ("legs", person.trousers))}
     garment = person_mask & ~(parts["hair"] | parts["skin"] | parts["legs"])
     return {"person": person_mask, "garment": garment, **parts}
+
+
+def part_areas(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """[F, len(PRESENCE_PARTS)] pixel areas of the parts that make the person whole: identity only judges the
+    pixels it finds in a part's colour, so it cannot see a part (a head) that is gone; these areas can."""
+    return np.stack([masks[part].sum((-2, -1)) for part in PRESENCE_PARTS], -1).astype(np.float64)
 
 
 def silhouette_change(person_masks: np.ndarray) -> np.ndarray:

@@ -128,22 +128,29 @@ def tiny_aesthetic_reward(seed: int = 0, image_size: int = 32) -> AestheticRewar
 
 
 def world_frame_quality(video: np.ndarray, truth: Triplet) -> np.ndarray:
-    """[F] exact quality in [0, 1] of uint8 frames [F, H, W, 3] of `truth`'s sample: the mean of the garment
-    fidelity against its garment A flat lay and the identity fidelity against its person, masks estimated from
-    colour as `miniworld.evaluate` scores a generated video.
+    """[F] exact quality in [0, 1] of uint8 frames [F, H, W, 3] of `truth`'s sample: the mean of a garment factor,
+    exp(-colour error against its garment A flat lay / COLOUR_TOLERANCE), and an identity factor, the identity
+    fidelity against its person times the share of the person still there (each part's area over the truth's,
+    at most 1, `metrics.part_areas`); masks estimated from colour as `miniworld.evaluate` scores a generated video.
 
-    The mean, not the product: on the shipped student's rollouts the strict garment score (it also asks for the
-    pattern) is 0.000-0.02 in every frame while identity falls by about 0.05 from the first chunk to the last, so a
-    product is ~0 everywhere and its chunk weights collapse to plain DMD's; the mean ranks chunks by whichever
-    factor varies. (The reward only ranks chunks and is never differentiated, so it is no target to climb.)
-    A frame with no garment pixels has no garment fidelity, and one with no part of the person (nor background) to
-    measure has none for identity (the metric would call it perfect): either factor is then 0, the worst value.
+    What the factors leave out is what a model behind a learned codec cannot show (measured, issue 12): the garment
+    score's pattern and proportion terms read ~0 on the truth itself after the codec's round trip, so they cannot
+    rank chunks; and identity alone scores a frame with the person erased (the background, exact) above the truth
+    through the codec, so it would reward losing the person, the very drift GR-DMD is for. The mean, not the
+    product, so the chunks are ranked by whichever factor varies. (The reward only ranks chunks and is never
+    differentiated, so it is no target to climb.) A frame with no garment pixels has no garment factor, and one with
+    no part of the person (nor background) to measure has no identity: either factor is then 0, the worst value.
     """
     masks = metrics.estimate_masks(video, truth.person)
-    garment = metrics.garment_fidelity(video, masks["garment"], truth.garment_image).score
+    colour_error = metrics.garment_fidelity(video, masks["garment"], truth.garment_image).colour_error
+    garment = np.exp(-np.nan_to_num(colour_error, nan=np.inf) / metrics.COLOUR_TOLERANCE)
     identity = metrics.identity_fidelity(video, masks, truth.person)
     measured = ~np.isnan(np.stack(list(identity.errors.values()))).all(axis=0)
-    return (np.nan_to_num(garment, nan=0.0) + np.where(measured, identity.score, 0.0)) / 2
+    expected = metrics.part_areas(metrics.estimate_masks(truth.video[:1], truth.person))[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.where(expected > 0, np.minimum(metrics.part_areas(masks) / expected, 1.0), np.nan)
+    presence = np.nanmean(shares, axis=-1)
+    return (garment + np.where(measured, identity.score, 0.0) * presence) / 2
 
 
 class WorldReward(nn.Module):
