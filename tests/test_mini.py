@@ -17,7 +17,7 @@ from fashionchameleon.miniworld import make_triplet
 from fashionchameleon.miniworld.evaluate import EVAL_SEED_OFFSET, EvalConfig, evaluate
 from fashionchameleon.models.vae import AutoencoderPixelShuffle, latent_codec
 from fashionchameleon.pipeline import FashionChameleonPipeline
-from fashionchameleon.presets import DEFAULT_PRESET, get_preset, load_preset
+from fashionchameleon.presets import DEFAULT_PRESET, MINI_CODEC, get_preset, load_preset
 from fashionchameleon.rollout import StreamConfig
 from fashionchameleon.training.codec import reconstruction_error, train_codec
 from fashionchameleon.training.codec import world_frames as codec_frames
@@ -68,13 +68,14 @@ def test_learned_codec_trains_on_world_frames_and_streams_like_a_full_decode(tmp
     folder = train_codec(CodecConfig(output_dir=str(tmp_path), max_steps=40, clips=8, clip_frames=3, eval_clips=2,
                                      stats_clips=4, log_every=20))
     vae = AutoencoderPixelShuffle.from_pretrained(folder)
-    assert vae.latent_channels == MINI.transformer["in_channels"] == 8
+    assert vae.latent_channels == MINI.transformer["in_channels"] == MINI_CODEC["latent_channels"]
     # negative control: the same architecture untrained
     assert reconstruction_error(vae, held_out) < 0.5 * reconstruction_error(untrained, held_out)
     codec = latent_codec(vae)
     video = world_frames(2)
     latents = codec.encode_video(video)
-    assert latents.shape == (2, 8, 5, MINI_STREAM.height // 4, MINI_STREAM.width // 4)
+    factor = MINI_CODEC["factor"]
+    assert latents.shape == (2, vae.latent_channels, 5, MINI_STREAM.height // factor, MINI_STREAM.width // factor)
     assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # normalised on world frames
     decoder = codec.stream_decoder()
     streamed = torch.cat([decoder.decode(latents[:, :, :2]), decoder.decode(latents[:, :, 2:])], dim=2)

@@ -230,10 +230,9 @@ class AutoencoderPixelShuffle(ModelMixin, ConfigMixin):
     `latent_channels`, a small learned encoder/decoder at that resolution (diffusers' tiny-autoencoder blocks)
     that compresses those channels to `latent_channels`.
 
-    Without `latent_channels` it is parameter-free and lossless: a transformer token of 2x2 latents then carries
-    3 x 8 x 8 pixel values and must draw every pixel itself. The learned codec (trained by
-    `training.codec.train_codec`) hands the transformer 4 x `latent_channels` numbers a token and lets its decoder
-    draw the flat colours and patterns of the world. The buffers `latents_mean`/`latents_std` normalise the
+    Without `latent_channels` it is parameter-free and lossless: the transformer must then draw every pixel value
+    itself. The learned codec (trained by `training.codec.train_codec`) hands it `latent_channels` numbers per
+    `factor` x `factor` pixels and lets its decoder draw the flat colours and edges of the world. The buffers `latents_mean`/`latents_std` normalise the
     channels (set from data with `fit_channel_stats`)."""
 
     @register_to_config
