@@ -232,8 +232,8 @@ class AutoencoderPixelShuffle(ModelMixin, ConfigMixin):
 
     Without `latent_channels` it is parameter-free and lossless: the transformer must then draw every pixel value
     itself. The learned codec (trained by `training.codec.train_codec`) hands it `latent_channels` numbers per
-    `factor` x `factor` pixels and lets its decoder draw the flat colours and edges of the world. The buffers `latents_mean`/`latents_std` normalise the
-    channels (set from data with `fit_channel_stats`)."""
+    `factor` x `factor` pixels and lets its decoder draw the flat colours and edges of the world. The buffers
+    `latents_mean`/`latents_std` normalise the channels (set from data with `fit_channel_stats`)."""
 
     @register_to_config
     def __init__(self, factor: int = 4, latent_channels: int | None = None, width: int = 96,
