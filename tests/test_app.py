@@ -483,8 +483,8 @@ def test_a_stream_cancelled_before_its_first_chunk_ends_and_frees_the_model(conn
     assert [s["state"] for s in statuses(later)] == [DONE]
 
 
-#: An app server with near-limit uploads: its resident memory when idle, after a round of them, and after a round with
-#: malloc_trim disabled (the negative control). A round is MEMORY_REQUESTS concurrent Generate requests: two check a
+#: An app server with near-limit uploads: its resident memory when idle, at its peak during a round of them, and after
+#: the round. A round is MEMORY_REQUESTS concurrent Generate requests: two check a
 #: near-limit garment and stream with it (decoded again there), the others check a near-limit reference and are refused
 #: for their garment. A round with small photos first warms sessions, threads and streams.
 NEAR_LIMIT_SERVER = r"""
@@ -494,7 +494,7 @@ import numpy as np
 from PIL import Image
 import app
 from fashionchameleon import media
-from fashionchameleon.serving import StreamService, checks
+from fashionchameleon.serving import StreamService
 from gradio_client import Client, handle_file
 
 folder, requests = sys.argv[1], int(sys.argv[2])
@@ -505,9 +505,13 @@ Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(near_limit)  # 
 open(not_an_image, "w").write("not an image")
 
 
+def status_mb(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+
+
 def resident_mb():
     gc.collect()
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+    return status_mb("VmRSS:")
 
 
 service = StreamService.load("tiny", device="cpu", pacing=0)
@@ -534,21 +538,23 @@ def round_of_requests(photo=near_limit):
 
 round_of_requests(str(garments[0]))
 result = {"idle": resident_mb()}
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from now
 result["after"] = round_of_requests()
-checks._MALLOC_TRIM = None
-result["idle_control"] = resident_mb()
-result["after_control"] = round_of_requests()
+result["peak"] = status_mb("VmHWM:")
 print("RESULT " + json.dumps(result), flush=True)
 os._exit(0)
 """
 #: Concurrent requests per round of NEAR_LIMIT_SERVER.
 MEMORY_REQUESTS = 8
 #: The issue's acceptance line: the server's resident memory is back within this of its idle level after near-limit
-#: uploads. Measured: -9 to +33 MB; +190 to +330 MB without malloc_trim; +265 MB before the fixes of issue 14.
+#: uploads. Measured: -9 to +45 MB after peaks of +360 to +440 MB; +265 MB before the fixes of issue 14. The negative
+#: control is the peak, which must pass twice this: a round of small photos peaks at +53 MB and fails it, and coming back
+#: from so little would prove nothing. The arm without malloc_trim is not asserted: glibc kept +160 to +340 MB here but
+#: once only +42 MB on CI, as it depends on how the decoding threads interleave.
 IDLE_RETURN_MB = 100
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux /proc")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads resident memory from Linux /proc")
 def test_memory_returns_to_idle_after_near_limit_uploads(tmp_path):
     done = subprocess.run([sys.executable, "-c", NEAR_LIMIT_SERVER, str(tmp_path), str(MEMORY_REQUESTS)], cwd=ROOT,
                           capture_output=True, text=True, timeout=PATIENCE * 4,
@@ -557,7 +563,7 @@ def test_memory_returns_to_idle_after_near_limit_uploads(tmp_path):
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
     mb = json.loads(lines[-1].removeprefix("RESULT "))
     assert mb["after"] - mb["idle"] < IDLE_RETURN_MB, mb
-    assert mb["after_control"] - mb["idle_control"] > IDLE_RETURN_MB, mb  # negative control: glibc keeps it
+    assert mb["peak"] - mb["idle"] > 2 * IDLE_RETURN_MB, mb  # negative control: the round did hold memory
 
 
 def test_python_app_serves_the_page_and_sigterm_removes_its_files(tmp_path):
