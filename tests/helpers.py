@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,42 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_TRANSFORMER = get_preset("tiny").transformer
 REFERENCE = str(WORLD_EXAMPLES / "reference.png")
 GARMENTS = [str(p) for p in sorted(WORLD_EXAMPLES.glob("garment_*.png"))]
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------
+#: One process imports the CLI once, then forks a child per command line: each child is `python -m fashionchameleon`
+#: from main() on, with its own stderr (the file descriptor, so logging's handler writes there too) and exit code.
+#: Ten refusals cost one import (~4 s) instead of ten.
+_FORKED_CLI = r"""
+import json, os, sys, tempfile
+from fashionchameleon.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(err.fileno(), 2)
+            try:
+                code = main(argv)
+            except SystemExit as exit:
+                code = exit.code
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+        _, status = os.waitpid(pid, 0)
+        err.seek(0)
+        results.append([os.waitstatus_to_exitcode(status), err.read().decode()])
+print(json.dumps(results))
+"""
+
+
+def cli_refusals(*argvs: list[str]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each command line, as `python -m fashionchameleon` gives them. For commands that end
+    before loading a model; a run that makes files is a subprocess of its own."""
+    done = subprocess.run([sys.executable, "-c", _FORKED_CLI, json.dumps(argvs)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return [tuple(result) for result in json.loads(done.stdout)]
 
 
 # -- videos ------------------------------------------------------------------------------------------------

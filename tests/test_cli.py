@@ -1,11 +1,11 @@
-"""The CLI as a person uses it: real subprocesses, real files, exit codes."""
+"""The CLI as a person uses it: real processes, real files, exit codes."""
 
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import GARMENTS, REFERENCE, ROOT, TINY_TRANSFORMER, probe_video, to_official_state_dict
+from helpers import GARMENTS, REFERENCE, ROOT, TINY_TRANSFORMER, cli_refusals, probe_video, to_official_state_dict
 
 from fashionchameleon.pipeline import FashionChameleonPipeline
 from fashionchameleon.presets import load_preset
@@ -39,46 +39,48 @@ def test_generate_with_two_switches_writes_69_frames(tmp_path):
     assert probe_video(out).frames == 69
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--reference", "missing.png"], "missing.png"),
-        (["--reference", __file__], "image"),
-        (["--preset", "nope"], "unknown preset"),
-        (["--checkpoint", __file__], "model_index.json"),
-        (["--switch", "0:x.png"], "K >= 1"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    base = {"--preset": "tiny", "--reference": REFERENCE, "--garment": G1, "--output": str(tmp_path / "o.mp4")}
-    merged = dict(base)
-    extra = []
-    for flag, value in zip(args[::2], args[1::2]):
-        if flag in merged:
-            merged[flag] = value
-        else:
-            extra += [flag, value]
-    argv = ["generate", *[x for pair in merged.items() for x in pair], *extra]
-    result = cli(*argv)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+def changed(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with flag set to value: replaced where it is, added where it is not."""
+    if flag in argv:
+        at = argv.index(flag) + 1
+        return [*argv[:at], value, *argv[at + 1:]]
+    return [*argv, flag, value]
 
 
-@pytest.mark.parametrize("stage, override, message", [("all", "max_steps=1", "--set applies to one stage"),
-                                                       ("dmd", "max_steps", "KEY=VALUE"),
-                                                       ("dmd", "reward.knd=world", "unknown config key reward.knd")])
-def test_bad_train_overrides_are_one_line(stage, override, message):
-    result = cli("train", stage, "--config", "configs/tiny.yaml", "--set", override)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr
+GENERATE = ["generate", "--preset", "tiny", "--reference", REFERENCE, "--garment", G1, "--output", "{folder}/o.mp4"]
+TRAIN_DMD = ["train", "dmd", "--config", "configs/tiny.yaml", "--set"]
+#: Command lines the CLI refuses, each with what its one line must say. {folder} is a fresh folder holding a model.pt
+#: that is not a checkpoint.
+REFUSALS = {
+    "missing reference": (changed(GENERATE, "--reference", "missing.png"), "missing.png"),
+    "reference not an image": (changed(GENERATE, "--reference", __file__), "image"),
+    "unknown preset": (changed(GENERATE, "--preset", "nope"), "unknown preset"),
+    "checkpoint not a folder": (changed(GENERATE, "--checkpoint", __file__), "model_index.json"),
+    "switch at chunk 0": (changed(GENERATE, "--switch", "0:x.png"), "K >= 1"),
+    "train all with --set": (["train", "all", "--config", "configs/tiny.yaml", "--set", "max_steps=1"],
+                             "--set applies to one stage"),
+    "--set without a value": ([*TRAIN_DMD, "max_steps"], "KEY=VALUE"),
+    "--set of an unknown key": ([*TRAIN_DMD, "reward.knd=world"], "unknown config key reward.knd"),
+    "convert a non-checkpoint": (["convert", "--input", "{folder}/model.pt", "--output", "{folder}/out", "--preset",
+                                  "tiny"], "as a PyTorch checkpoint"),
+    "eval an unknown mode": (["eval", "--modes", "refresh,teleport"], "teleport"),
+}
 
 
-def test_unreadable_checkpoint_for_convert(tmp_path):
-    bad = tmp_path / "model.pt"
-    bad.write_text("not a checkpoint")
-    result = cli("convert", "--input", str(bad), "--output", str(tmp_path / "out"), "--preset", "tiny")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """(exit code, stderr) of every REFUSALS case, run in one batch."""
+    folder = tmp_path_factory.mktemp("refusals")
+    (folder / "model.pt").write_text("not a checkpoint")
+    argvs = [[arg.format(folder=folder) for arg in argv] for argv, _ in REFUSALS.values()]
+    return dict(zip(REFUSALS, cli_refusals(*argvs)))
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_bad_input_is_one_line_and_exit_code_2(refusals, case):
+    returncode, stderr = refusals[case]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == 2 and len(lines) == 1 and REFUSALS[case][1] in lines[0], stderr
 
 
 def test_convert_official_checkpoint_then_load_matches(tmp_path):
