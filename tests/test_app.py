@@ -484,9 +484,9 @@ def test_a_stream_cancelled_before_its_first_chunk_ends_and_frees_the_model(conn
 
 
 #: An app server with near-limit uploads: its resident memory when idle, at its peak during a round of them, and after
-#: the round. A round is MEMORY_REQUESTS concurrent Generate requests: two check a
-#: near-limit garment and stream with it (decoded again there), the others check a near-limit reference and are refused
-#: for their garment. A round with small photos first warms sessions, threads and streams.
+#: the round. A round is MEMORY_REQUESTS concurrent Generate requests: two check a near-limit garment and stream with it
+#: (decoded again there), the others check a near-limit reference and are refused for their garment. A round with small
+#: photos first warms sessions, threads and streams.
 NEAR_LIMIT_SERVER = r"""
 import gc, json, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
