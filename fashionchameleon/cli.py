@@ -193,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     preset, pipe = _load(args)
     teacher = None
     if teacher_path != "none":
-        teacher = CausalWanTransformer3DModel.from_pretrained(teacher_path, torch_dtype=pipe.transformer.dtype)
+        teacher = CausalWanTransformer3DModel.from_pretrained(teacher_path, dtype=pipe.transformer.dtype)
         teacher = teacher.to(pipe.device)
     result = evaluate(pipe, config, teacher=teacher, sampling=preset.teacher, progress=True)
     result["preset"] = preset.name

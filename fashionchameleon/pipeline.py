@@ -75,8 +75,9 @@ class FashionChameleonPipeline(DiffusionPipeline):
         """Standard diffusers loading, with the transformer loaded as the causal subclass (same weights), so a
         stock Wan2.2 diffusers folder loads too."""
         if "transformer" not in kwargs:
+            dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")  # diffusers takes both; only `dtype` from 1.0
             kwargs["transformer"] = CausalWanTransformer3DModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="transformer", torch_dtype=kwargs.get("torch_dtype")
+                pretrained_model_name_or_path, subfolder="transformer", dtype=dtype
             )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

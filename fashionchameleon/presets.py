@@ -171,18 +171,18 @@ def load_wan22(preset: Preset, checkpoint: str | os.PathLike | None, base: str |
             f"preset {preset.name} needs FashionChameleon weights: pass --checkpoint or set {CHECKPOINT_ENV}"
         )
     if (Path(checkpoint) / "config.json").is_file():
-        transformer = CausalWanTransformer3DModel.from_pretrained(checkpoint, torch_dtype=dtype)
+        transformer = CausalWanTransformer3DModel.from_pretrained(checkpoint, dtype=dtype)
     else:
         # Loading the base transformer first keeps diffusers' dtype rules (RoPE, norms, time embedder in fp32);
         # load_state_dict then copies the FashionChameleon values into those tensors.
-        transformer = CausalWanTransformer3DModel.from_pretrained(base, subfolder="transformer", torch_dtype=dtype)
+        transformer = CausalWanTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=dtype)
         transformer.load_state_dict(load_transformer_weights(checkpoint), strict=True)
     extra = {} if text_encoder else {"text_encoder": None}
-    return FashionChameleonPipeline.from_pretrained(base, transformer=transformer, torch_dtype=dtype, **extra)
+    return FashionChameleonPipeline.from_pretrained(base, transformer=transformer, dtype=dtype, **extra)
 
 
 def cast_except_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """`model.to(dtype)` that, like diffusers' `from_pretrained(torch_dtype=...)`, keeps in fp32 every parameter
+    """`model.to(dtype)` that, like diffusers' `from_pretrained(dtype=...)`, keeps in fp32 every parameter
     whose dotted name contains a `_keep_in_fp32_modules` entry: modules (`time_embedder`, the norms) and bare
     parameters alike (`scale_shift_table`), so a random-weight model is dtype-identical to a loaded one."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -288,4 +288,4 @@ def load_saved_pipeline(path: str | os.PathLike, text_encoder: bool = True,
     if not Path(path).is_dir() or not (Path(path) / "model_index.json").is_file():
         raise UserInputError(f"{path} is not a saved pipeline folder (no model_index.json)")
     extra = {} if text_encoder else {"text_encoder": None}
-    return FashionChameleonPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+    return FashionChameleonPipeline.from_pretrained(path, dtype=dtype, **extra)

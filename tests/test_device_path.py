@@ -93,7 +93,7 @@ def test_fp32_parameters_by_name_match_a_loaded_model(tmp_path):
     """A model made in code and cast keeps fp32 exactly where diffusers' loading does: `scale_shift_table` is a
     parameter, not a module, and must stay fp32 too."""
     CausalWanTransformer3DModel(**TINY_TRANSFORMER).save_pretrained(tmp_path)
-    loaded = CausalWanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    loaded = CausalWanTransformer3DModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
     cast = cast_except_fp32_modules(CausalWanTransformer3DModel(**TINY_TRANSFORMER), torch.bfloat16)
     dtypes = {name: param.dtype for name, param in loaded.named_parameters()}
     assert {name: param.dtype for name, param in cast.named_parameters()} == dtypes
