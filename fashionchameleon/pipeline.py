@@ -106,11 +106,14 @@ class FashionChameleonPipeline(DiffusionPipeline):
         return self.scheduler.sigmas[:-1].clone()
 
     # -- inputs -------------------------------------------------------------------------------------------------
-    def encode_text_kv(self, prompt: str, max_length: int) -> TextKV:
-        """UMT5 embeddings of `prompt` turned into every layer's cross-attention K/V (once per stream)."""
+    def encode_text_kv(self, prompt: str, max_length: int,
+                       transformer: CausalWanTransformer3DModel | None = None) -> TextKV:
+        """UMT5 embeddings of `prompt` turned into every layer's cross-attention K/V (once per stream), by
+        `transformer`'s own projections: the pipeline's, or another model's (a teacher) that will attend to them."""
+        transformer = transformer or self.transformer
         encoder = PromptEncoder(self.tokenizer, self.text_encoder, max_length=max_length)
-        embeds = encoder.encode(prompt, device=self.transformer.device, dtype=self.transformer.dtype)
-        return self.transformer.precompute_text_kv(embeds)
+        embeds = encoder.encode(prompt, device=transformer.device, dtype=transformer.dtype)
+        return transformer.precompute_text_kv(embeds)
 
     def encode_reference(self, image: Image.Image, stream: StreamConfig | None = None) -> torch.Tensor:
         """Reference photo: cover + centre crop to the stream size, one latent frame [1, C, 1, h, w]."""

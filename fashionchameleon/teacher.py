@@ -1,7 +1,8 @@
 """The in-context teacher's sampler: the whole clip at once, bidirectional, many steps with guidance.
 
 Used where a teacher is compared with its streaming student: `bench` (the non-streaming baseline) and `eval` (the
-teacher rows). The transformer is passed in, so any teacher weights run on a student pipeline's codec and text.
+teacher rows). The transformer is passed in, so any teacher weights run on a student pipeline's codec and text
+encoder; the text's cross-attention K/V come from the teacher's own projections.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def sample_bidirectional(
     stream = stream or pipe.stream
     steps = steps or sampling.steps
     prompt, _ = filter_garment_words(prompt)
-    cond_kv = pipe.encode_text_kv(prompt, stream.max_text_tokens)
+    cond_kv = pipe.encode_text_kv(prompt, stream.max_text_tokens, transformer)
     reference_latent = pipe.encode_reference(media.load_image(reference), stream)
     condition = torch.cat([reference_latent, pipe.encode_garment(media.load_image(garment), stream)], dim=2)
     uncond_kv, uncond_condition = cond_kv, condition  # the unconditional branch drops the text or the garment
@@ -66,7 +67,7 @@ def sample_bidirectional(
         blank = pipe.encode_garment(media.blank_garment(stream.width, stream.height), stream)
         uncond_condition = torch.cat([reference_latent, blank], dim=2)
     else:
-        uncond_kv = pipe.encode_text_kv("", stream.max_text_tokens)
+        uncond_kv = pipe.encode_text_kv("", stream.max_text_tokens, transformer)
     device = transformer.device
     generator = torch.Generator(device=device).manual_seed(seed)
     _, channels, _, height, width = reference_latent.shape

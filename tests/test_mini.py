@@ -219,6 +219,24 @@ def test_shipped_mini_model_keeps_the_motion_and_the_person_through_a_full_switc
     assert full["continuity"] < withdraw["continuity"]  # withdrawing history alone makes the motion jump
 
 
+def test_teacher_rows_run_the_teacher_with_its_own_text_kv():
+    """eval samples the teacher on the student's pipeline: the prompt's cross-attention K/V must come from the
+    teacher's projections, so the result equals the teacher sampled as the pipeline's own transformer."""
+    from fashionchameleon.models.causal_wan import CausalWanTransformer3DModel
+    from fashionchameleon.teacher import sample_bidirectional
+
+    preset, pipe = load_preset("mini", device="cpu")
+    teacher = CausalWanTransformer3DModel.from_pretrained(preset.teacher.weights).eval()
+    student_kv, teacher_kv = (pipe.encode_text_kv("", 8, model) for model in (pipe.transformer, teacher))
+    assert not torch.equal(student_kv.keys[0], teacher_kv.keys[0])  # so the student's K/V would change the result
+    teacher_pipe = FashionChameleonPipeline(**{**pipe.components, "transformer": teacher}, stream=pipe.stream.to_dict())
+    clip = make_triplet(EVAL_SEED_OFFSET, 1, 64, 48)
+    inputs = (Image.fromarray(clip.reference), Image.fromarray(clip.garment_image))
+    on_student = sample_bidirectional(pipe, teacher, preset.teacher, *inputs, steps=2)
+    own = sample_bidirectional(teacher_pipe, teacher, preset.teacher, *inputs, steps=2)
+    np.testing.assert_array_equal(on_student, own)
+
+
 def test_shipped_mini_is_the_default_and_generate_uses_it(tmp_path):
     assert DEFAULT_PRESET == "mini" and (MINI.weights / "model_index.json").is_file()
     # The shipped folder's copy of the stream settings is the preset's.
