@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class Preset:
     transformer: dict  # CausalWanTransformer3DModel config
     stream: StreamConfig
     build: Callable[..., FashionChameleonPipeline]
+    codec: dict = field(default_factory=dict)  # AutoencoderPixelShuffle config, for a `build` that makes one
     timestep_shift: float = 5.0  # sigma' = s sigma / (1 + (s - 1) sigma), for the student and the teacher alike
     teacher: TeacherSampling = TeacherSampling()
     serving: Serving = Serving()
@@ -114,9 +115,6 @@ def build_tiny(preset: Preset, seed: int = 0, device: torch.device | str | None 
 
 
 # -- mini: trained in the mini wardrobe world, the default on a CPU -------------------------------------------
-# 4x4 space-to-depth (48 x 64 frames -> 48 channels x 16 x 12), then a learned 48 -> 8 channel encoder/decoder
-# of 2 tiny-autoencoder blocks 96 wide (trained by the recipe's codec stage, configs/mini.yaml)
-MINI_CODEC = dict(factor=4, latent_channels=8, width=96, num_blocks=2)
 MINI_STATS_CLIPS = 64  # miniworld clips whose frames set the codec's channel normalisation
 
 
@@ -129,7 +127,7 @@ def build_mini(preset: Preset, seed: int = 0, device: torch.device | str | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = CausalWanTransformer3DModel(**preset.transformer)
-        codec = AutoencoderPixelShuffle(**MINI_CODEC)
+        codec = AutoencoderPixelShuffle(**preset.codec)
     height, width = preset.stream.height, preset.stream.width
     frames = [make_triplet(seed * MINI_STATS_CLIPS + i, 1, height, width).video[0] for i in range(MINI_STATS_CLIPS)]
     codec.fit_channel_stats(torch.stack([image_to_tensor(f) for f in frames], dim=1)[None])
@@ -203,6 +201,9 @@ PRESETS: dict[str, Preset] = {
         stream=StreamConfig(height=64, width=48, history_frames=6,  # 3 sink + 6 history = a training clip's 9
                             max_text_tokens=8, fps=12),
         build=build_mini,
+        # 4x4 space-to-depth (48 x 64 frames -> 48 channels x 16 x 12), then a learned 48 -> 8 channel encoder and
+        # decoder of 2 tiny-autoencoder blocks 96 wide (trained by the recipe's codec stage, configs/mini.yaml)
+        codec=dict(factor=4, latent_channels=8, width=96, num_blocks=2),
         # The world has no captions: guidance drops the garment instead of the text.
         teacher=TeacherSampling(steps=25, guidance=2.5, latent_frames=9, guidance_condition="garment",
                                 weights=ASSETS / "mini-teacher"),
@@ -249,6 +250,24 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+ARCHITECTURE_PARTS = ("transformer", "codec")
+
+
+def with_architecture(preset: Preset, overrides: dict | None) -> Preset:
+    """`preset` with some of its `transformer` and `codec` settings replaced (a training run trying another
+    architecture, e.g. a finer codec): only settings the preset already has, so a misspelt key is an error."""
+    overrides = overrides or {}
+    for part, values in overrides.items():
+        if part not in ARCHITECTURE_PARTS or not isinstance(values, dict):
+            raise UserInputError(f"architecture overrides {', '.join(ARCHITECTURE_PARTS)} (each a mapping of "
+                                 f"settings), got {part!r}")
+        unknown = sorted(set(values) - set(getattr(preset, part)))
+        if unknown:
+            raise UserInputError(f"architecture.{part}.{unknown[0]} is not a setting of preset {preset.name}'s "
+                                 f"{part}; known: {', '.join(getattr(preset, part)) or 'none'}")
+    return replace(preset, **{part: {**getattr(preset, part), **values} for part, values in overrides.items()})
+
+
 def load_preset(
     name: str,
     *,
@@ -258,20 +277,22 @@ def load_preset(
     seed: int = 0,
     base: str | os.PathLike | None = None,
     text_encoder: bool = True,
+    architecture: dict | None = None,
 ) -> tuple[Preset, FashionChameleonPipeline]:
     """A preset's pipeline on `device` (CUDA when available) with the preset's schedule.
 
     Weights: a `checkpoint` pipeline folder (`save_pretrained`, what training exports) for any preset, streaming with
     the settings it was saved with (a run may train at another size); else fresh ones with `random_weights` (or when
     the preset has no trained weights); else the preset's own, streaming with the preset's settings.
-    `text_encoder=False` leaves UMT5 out where it would be loaded from disk (training with a latent cache)."""
+    `text_encoder=False` leaves UMT5 out where it would be loaded from disk (training with a latent cache);
+    `architecture` changes fresh weights' shapes (`with_architecture`; saved weights carry their own)."""
     preset = get_preset(name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = preset.dtype(device)
     if checkpoint is not None and (Path(checkpoint) / "model_index.json").is_file():
         pipe = load_saved_pipeline(checkpoint, text_encoder, dtype)
     elif random_weights or (preset.random_weights and checkpoint is None):
-        pipe = preset.build(preset, seed, device)
+        pipe = preset.build(with_architecture(preset, architecture), seed, device)
     elif preset.load_trained is not None:
         pipe = preset.load_trained(preset, checkpoint, base, text_encoder, device)
     else:

@@ -13,11 +13,12 @@ from helpers import ROOT, probe_video
 from PIL import Image
 
 from fashionchameleon import media
+from fashionchameleon.engine import StreamingEngine
 from fashionchameleon.miniworld import make_triplet
 from fashionchameleon.miniworld.evaluate import EVAL_SEED_OFFSET, EvalConfig, evaluate
 from fashionchameleon.models.vae import AutoencoderPixelShuffle, latent_codec
 from fashionchameleon.pipeline import FashionChameleonPipeline
-from fashionchameleon.presets import DEFAULT_PRESET, MINI_CODEC, get_preset, load_preset
+from fashionchameleon.presets import DEFAULT_PRESET, get_preset, load_preset
 from fashionchameleon.rollout import StreamConfig
 from fashionchameleon.training.codec import reconstruction_error, train_codec
 from fashionchameleon.training.codec import world_frames as codec_frames
@@ -69,13 +70,13 @@ def test_learned_codec_trains_on_world_frames_and_streams_like_a_full_decode(tmp
     folder = train_codec(CodecConfig(output_dir=str(tmp_path), max_steps=40, clips=8, clip_frames=3, eval_clips=2,
                                      stats_clips=4, log_every=20))
     vae = AutoencoderPixelShuffle.from_pretrained(folder)
-    assert vae.latent_channels == MINI.transformer["in_channels"] == MINI_CODEC["latent_channels"]
+    assert vae.latent_channels == MINI.transformer["in_channels"] == MINI.codec["latent_channels"]
     # negative control: the same architecture untrained
     assert reconstruction_error(vae, held_out) < 0.5 * reconstruction_error(untrained, held_out)
     codec = latent_codec(vae)
     video = world_frames(2)
     latents = codec.encode_video(video)
-    factor = MINI_CODEC["factor"]
+    factor = MINI.codec["factor"]
     assert latents.shape == (2, vae.latent_channels, 5, MINI_STREAM.height // factor, MINI_STREAM.width // factor)
     assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # normalised on world frames
     decoder = codec.stream_decoder()
@@ -159,14 +160,19 @@ def test_mini_recipe_trains_the_preset_in_its_world():
     assert {c.model.codec for c in (teacher, forcing, dmd)} == {f"{raw['output_dir']}/codec/vae"}  # trained first
 
 
-def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path):
+FINER_CODEC = {"codec": {"factor": 2, "latent_channels": 4, "width": 16},  # configs/mini-2x2.yaml, narrower
+               "transformer": {"patch_size": [1, 4, 4], "in_channels": 4, "out_channels": 4}}
+
+
+@pytest.mark.parametrize("architecture", [{}, FINER_CODEC], ids=["preset", "finer-codec"])
+def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path, architecture):
     recipe = {
         "output_dir": str(tmp_path / "runs"), "export": str(tmp_path / "export"),
         "teacher_export": str(tmp_path / "teacher"),
         "shared": {"preset": "mini", "stream": {"height": 32, "width": 32}, "max_steps": 2, "batch_size": 1,
                    "log_every": 1, "checkpoint_every": 2, "mixed_precision": "no",
                    "data": {"layout": "miniworld", "num_frames": 6, "num_workers": 0, "clips": 4},
-                   "model": {"random_weights": True, "gradient_checkpointing": False}},
+                   "model": {"random_weights": True, "gradient_checkpointing": False, "architecture": architecture}},
         "codec": {"max_steps": 2, "clips": 2, "clip_frames": 1, "eval_clips": 1, "stats_clips": 1},
         "teacher": {"data": {"garment_drop_prob": 0.5}},
         "forcing": {},
@@ -177,14 +183,23 @@ def test_recipe_trains_all_three_stages_and_exports_a_loadable_pipeline(tmp_path
     student = run_recipe(path)
     assert (tmp_path / "teacher" / "config.json").is_file()
     _, pipe = load_preset("mini", checkpoint=student, device="cpu")
+    fresh = load_preset("mini", random_weights=True, device="cpu", architecture=architecture)[1]
     trained = pipe.transformer.state_dict()
-    fresh = load_preset("mini", random_weights=True, device="cpu")[1].transformer.state_dict()
-    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # the exported weights were trained
+    assert trained.keys() == fresh.transformer.state_dict().keys()
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.transformer.state_dict().items())  # trained
     # every stage used the codec the recipe trained first, and the student ships it
     codec = AutoencoderPixelShuffle.from_pretrained(tmp_path / "runs" / "codec" / "vae").state_dict()
-    fresh_codec = load_preset("mini", random_weights=True, device="cpu")[1].vae.state_dict()
     assert all(torch.equal(pipe.vae.state_dict()[k], v) for k, v in codec.items())
-    assert not all(torch.equal(fresh_codec[k], v) for k, v in codec.items())
+    assert not all(torch.equal(fresh.vae.state_dict()[k], v) for k, v in codec.items())
+    # the saved weights carry their architecture: `--preset mini --checkpoint` streams them as trained
+    wanted = {**MINI.codec, **architecture.get("codec", {})}
+    assert {key: pipe.vae.config[key] for key in wanted} == wanted
+    assert list(pipe.transformer.config.patch_size) == list(architecture.get("transformer", MINI.transformer)[
+        "patch_size"])
+    triplet = make_triplet(0, 1, 32, 32)
+    stream = StreamingEngine(pipe).start(Image.fromarray(triplet.reference), Image.fromarray(triplet.garment_image),
+                                         "", 0, chunks=1)
+    assert next(iter(stream)).frames.shape[1:] == (32, 32, 3)
 
 
 # -- evaluation of the shipped model ------------------------------------------------------------------------------

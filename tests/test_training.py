@@ -47,7 +47,7 @@ from fashionchameleon.training.data import (
     load_pixels,
 )
 from fashionchameleon.training.losses import Batch, Rngs, chunk_ids, gr_dmd_loss
-from fashionchameleon.training.recipe import load_recipe, stage_config
+from fashionchameleon.training.recipe import codec_config, load_recipe, stage_config
 from fashionchameleon.training.reward import (
     AestheticHead,
     WorldReward,
@@ -367,7 +367,7 @@ def test_shipped_stage_configs_load(path):
     assert config.stage == stage
 
 
-@pytest.mark.parametrize("name", ["tiny", "mini", "mini-h200"])
+@pytest.mark.parametrize("name", ["tiny", "mini", "mini-h200", "mini-2x2"])
 def test_shipped_recipes_chain_their_stages(name):
     raw, configs = load_recipe(CONFIGS / f"{name}.yaml")
     assert [config.stage for config in configs] == list(STAGES)
@@ -687,6 +687,33 @@ def test_a_spent_time_budget_stops_the_stage_saves_and_exports(workdir):
     unbounded = Trainer(tiny("teacher", workdir, "no-budget", max_steps=3))  # negative control: 0 = no limit
     unbounded.train()
     assert unbounded.step == 3
+
+
+def test_a_recipe_variant_holds_only_what_differs_from_its_base():
+    """configs/mini-2x2.yaml names mini.yaml as its base: every stage is mini.yaml's but for its folders and the
+    architecture, which reaches the codec stage too."""
+    raw, variant = load_recipe(CONFIGS / "mini-2x2.yaml")
+    base_raw, base = load_recipe(CONFIGS / "mini.yaml")
+    architecture = raw["shared"]["model"]["architecture"]
+    assert architecture["codec"]["factor"] == 2 and base_raw["shared"]["model"].get("architecture") is None
+    for mine, theirs in zip(variant, base):
+        paths = {key: getattr(mine.model, key) for key in ("init", "teacher", "codec")}
+        assert replace(mine, output_dir=theirs.output_dir, model=replace(mine.model, architecture={}, **{
+            key: getattr(theirs.model, key) for key in paths})) == theirs
+        assert all(path is None or path.startswith(raw["output_dir"]) for path in paths.values())
+    codec = codec_config(raw)
+    assert codec.architecture == architecture and codec.max_steps != codec_config(base_raw).max_steps
+
+
+def test_a_bad_architecture_or_a_circular_base_is_a_clear_error(tmp_path):
+    for architecture, message in (({"codec": {"factr": 2}}, "architecture.codec.factr is not a setting"),
+                                  ({"vae": {"factor": 2}}, "architecture overrides transformer, codec")):
+        with pytest.raises(UserInputError, match=message):
+            config_from_dict("teacher", {"preset": "mini", "model": {"architecture": architecture}})
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(UserInputError, match="is its own base"):
+        load_recipe(loop)
 
 
 def test_the_h200_recipe_fits_its_eight_minutes():

@@ -58,7 +58,8 @@ def train_codec(config: CodecConfig) -> Path:
 
     out = Path(config.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, pipe = load_preset(config.preset, device="cpu", random_weights=True, seed=config.seed)
+    _, pipe = load_preset(config.preset, device="cpu", random_weights=True, seed=config.seed,
+                          architecture=config.architecture)
     vae, stream = pipe.vae.to(device), pipe.stream
     if not getattr(vae.config, "latent_channels", None):
         raise UserInputError(f"preset {config.preset}'s codec has nothing to learn (no latent_channels)")

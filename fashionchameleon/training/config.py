@@ -62,6 +62,10 @@ class ModelConfig:
     init: str | None = None  # trained transformer weights (folder, .safetensors or model.pt); None: the pipeline's
     teacher: str | None = None  # DMD: stage-1 weights for the frozen real score and the critic's start
     codec: str | None = None  # a trained frame codec folder (the recipe's codec stage) that replaces the preset's vae
+    # fresh weights of another shape: overrides of the preset's `transformer` and `codec` settings (presets.py
+    # `with_architecture`), e.g. {codec: {factor: 2}, transformer: {patch_size: [1, 4, 4]}}; a recipe's `shared`
+    # gives them to its codec stage too
+    architecture: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = True
 
 
@@ -180,9 +184,10 @@ class DMDConfig(TrainConfig):
 @dataclass
 class CodecConfig:
     """The `mini` codec's learned part (training/codec.py), trained on world frames before the three stages; its
-    architecture is the preset's (`presets.MINI_CODEC`). Steps take about 0.1 s on 2 CPU cores."""
+    architecture is the preset's `codec` with `architecture` overrides. Steps take about 0.1 s on 2 CPU cores."""
 
     preset: str = "mini"
+    architecture: dict[str, Any] = field(default_factory=dict)  # as `ModelConfig.architecture`
     output_dir: str = "runs/codec"
     seed: int = 0
     max_steps: int = 8_000
@@ -261,8 +266,11 @@ def merge_values(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(stage: str, values: dict[str, Any]) -> TrainConfig:
     """The stage's config with `values` (nested dicts) applied; unknown keys, bad types and an unknown preset or
     stream setting are errors."""
+    from ..presets import get_preset, with_architecture
+
     config = _build(STAGES[stage], values, "")
     config.stream_config()
+    with_architecture(get_preset(config.preset), config.model.architecture)
     return config
 
 

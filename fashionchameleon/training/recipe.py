@@ -5,7 +5,8 @@ A recipe file holds `output_dir`, `export` (where the final student pipeline goe
 gets) and one section per stage (`teacher`, `forcing`, `dmd`) over that stage's defaults. The runner chains the
 weights as the paper does: forcing starts from the teacher, DMD's generator from forcing and its real score and
 critic from the teacher. Each stage resumes from its own checkpoints, so a killed run continues where it stopped.
-An optional `codec` section (mini) trains the codec's learned part first; every stage then uses that codec.
+An optional `codec` section (mini) trains the codec's learned part first; every stage then uses that codec. A
+recipe may name a `base` recipe and hold only what differs from it (configs/mini-2x2.yaml).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .config import STAGES, CodecConfig, TrainConfig, build_config, config_from_
 from .trainer import PIPELINE_EXPORT, TRANSFORMER_EXPORT, Trainer
 
 CODEC = "codec"
+BASE = "base"
 RECIPE_KEYS = {"output_dir", "export", "teacher_export", "shared", CODEC, *STAGES}
 
 
@@ -30,21 +32,35 @@ def codec_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
     if CODEC not in raw:
         return None
     shared = {key: value for key, value in (raw.get("shared") or {}).items() if key in ("preset", "seed")}
+    architecture = ((raw.get("shared") or {}).get("model") or {}).get("architecture")
+    if architecture:
+        shared["architecture"] = architecture
     values = merge_values(merge_values(shared, raw[CODEC] or {}), overrides or {})
     return build_config(CodecConfig, {"output_dir": str(Path(raw["output_dir"]) / CODEC), **values})
 
 
-def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
-    """(the recipe's top-level keys, one config per stage in training order)."""
+def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's keys, over those of its `base` recipe (a path relative to the file) when it names one, so a
+    variant states only what it changes."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"recipe file {path} does not exist")
+    if path.resolve() in seen:
+        raise UserInputError(f"recipe {path} is its own base")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise UserInputError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    if isinstance(raw, dict) and BASE in raw:
+        raw = merge_values(read_recipe(path.parent / str(raw.pop(BASE)), (*seen, path.resolve())), raw)
+    return raw
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
+    """(the recipe's top-level keys, one config per stage in training order)."""
+    raw = read_recipe(path)
     if not isinstance(raw, dict) or set(raw) - RECIPE_KEYS or not set(STAGES) <= set(raw) or "output_dir" not in raw:
-        raise UserInputError(f"{path} must hold output_dir, {', '.join(STAGES)} (and optionally export, "
+        raise UserInputError(f"{path} must hold output_dir, {', '.join(STAGES)} (and optionally base, export, "
                              f"teacher_export, shared); found: {', '.join(map(str, raw)) or 'nothing'}")
     out = Path(raw["output_dir"])
     trained = {stage: str(out / stage / TRANSFORMER_EXPORT) for stage in STAGES}
@@ -67,7 +83,7 @@ def stage_config(path: str | Path, stage: str) -> TrainConfig:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         raw = None  # load_config says what is wrong with the file
-    if isinstance(raw, dict) and set(raw) & set(STAGES):
+    if isinstance(raw, dict) and set(raw) & {*STAGES, BASE}:
         return dict(zip(STAGES, load_recipe(path)[1]))[stage]
     return load_config(path, stage)
 

@@ -72,7 +72,7 @@ def load_pipeline(config: TrainConfig, *, text_encoder: bool) -> FashionChameleo
     if model.pipeline is not None and not (Path(model.pipeline) / "model_index.json").is_file():
         raise UserInputError(f"model.pipeline {model.pipeline!r} is not a local diffusers pipeline folder")
     _, pipe = load_preset(config.preset, checkpoint=model.pipeline, device="cpu", random_weights=model.random_weights,
-                          seed=model.seed, text_encoder=text_encoder)
+                          seed=model.seed, text_encoder=text_encoder, architecture=model.architecture)
     if not text_encoder:
         pipe.register_modules(text_encoder=None)
     if model.codec is not None:
