@@ -714,6 +714,10 @@ def test_a_bad_architecture_or_a_circular_base_is_a_clear_error(tmp_path):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(UserInputError, match="is its own base"):
         load_recipe(loop)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "variant.yaml").write_text("base: list.yaml\n")
+    with pytest.raises(UserInputError, match="holds no recipe keys"):
+        load_recipe(tmp_path / "variant.yaml")
 
 
 def test_the_h200_recipe_fits_its_eight_minutes():

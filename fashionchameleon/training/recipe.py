@@ -52,7 +52,11 @@ def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     except yaml.YAMLError as error:
         raise UserInputError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
     if isinstance(raw, dict) and BASE in raw:
-        raw = merge_values(read_recipe(path.parent / str(raw.pop(BASE)), (*seen, path.resolve())), raw)
+        base = path.parent / str(raw.pop(BASE))
+        base_raw = read_recipe(base, (*seen, path.resolve()))
+        if not isinstance(base_raw, dict):
+            raise UserInputError(f"{path}: its base {base} holds no recipe keys")
+        raw = merge_values(base_raw, raw)
     return raw
 
 
